@@ -1,0 +1,13 @@
+"""Efficient transformers for language modeling, loaded by ``fairseq-* --user-dir plugins``.
+
+fairseq auto-imports only ``models/`` and ``tasks/`` of a user dir; everything else is imported here,
+explicitly, before them (the model's options are built from the attention registry).
+"""
+
+from .compat import patch_numpy
+from .errors import install_excepthook
+
+patch_numpy()
+install_excepthook()
+
+from . import attention, criterions, memory, models, modules, tasks  # noqa: E402,F401

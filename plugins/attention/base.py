@@ -1,0 +1,138 @@
+"""Attention base classes and the registry.
+
+Shape legend (used in every attention file):
+    B = batch (streams), T = query positions (current segment), M = memory positions,
+    S = key positions (M + T), D = model dim, H = heads, Dh = head dim (D / H).
+
+An attention maps the current segment and its memory to an output and the next memory::
+
+    out, new_mem = attention(x, mem, keep)     # x: B x T x D, out: B x T x D
+
+``mem`` is a ``TensorState`` of the attention's own type (or ``None``) and ``keep`` says how many past
+positions the next memory holds (``0``: none, ``None``: all, as when decoding a full-context model
+token by token). Attention is causal: position t sees every memory position and positions <= t.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, NamedTuple, Optional, Tuple, Type
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..memory import HiddenMemory, TensorState
+
+
+class AuxLoss(NamedTuple):
+    """An auxiliary loss term: ``value`` is a per-token mean, added to the LM loss as ``weight * value``."""
+
+    value: Tensor
+    weight: float
+
+
+@dataclass
+class AttentionConfig:
+    """Options of one mechanism. Its fields become ``efficient_lm`` command-line options; give every
+    field ``metadata={"help": ...}`` and a default that names its source."""
+
+
+@dataclass(frozen=True)
+class RegistryEntry:
+    cls: Type["Attention"]
+    config: Type[AttentionConfig]
+
+
+ATTENTION_REGISTRY: Dict[str, RegistryEntry] = {}
+
+
+def register_attention(name: str, config: Type[AttentionConfig] = AttentionConfig) -> Callable:
+    def wrap(cls):
+        if name in ATTENTION_REGISTRY:
+            raise ValueError(f"attention '{name}' is registered twice")
+        ATTENTION_REGISTRY[name] = RegistryEntry(cls, config)
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+def build_attention(name: str, embed_dim: int, num_heads: int, dropout: float, options) -> "Attention":
+    """Build ``--attention name``; mechanism options are read from ``options`` by field name."""
+    if name not in ATTENTION_REGISTRY:
+        raise UserError(f"unknown --attention '{name}': choose one of {', '.join(sorted(ATTENTION_REGISTRY))}")
+    entry = ATTENTION_REGISTRY[name]
+    cfg = entry.config(
+        **{f.name: getattr(options, f.name) for f in dataclasses.fields(entry.config) if hasattr(options, f.name)}
+    )
+    return entry.cls(embed_dim, num_heads, dropout, cfg)
+
+
+def causal_mask(num_queries: int, num_keys: int, device=None) -> Tensor:
+    """T x S boolean mask, True where query t (at key position S - T + t) may attend key s."""
+    past = num_keys - num_queries
+    return torch.ones(num_queries, num_keys, dtype=torch.bool, device=device).tril(diagonal=past)
+
+
+class Attention(nn.Module):
+    """Base of every mechanism: the projections are written once here.
+
+    Capability flags are read by the decoder when it is built, so an unsupported combination fails
+    with a message before training starts instead of deep inside a forward pass.
+    """
+
+    registry_name: ClassVar[str] = "?"
+    supports_memory: ClassVar[bool] = True  # can attend over a memory of past segments (--mem-len)
+    supports_incremental: ClassVar[bool] = True  # can decode one token at a time (generation)
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise UserError(f"--decoder-attention-heads {num_heads} must divide --decoder-embed-dim {embed_dim}")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.dropout = dropout
+        self.cfg = cfg
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        B, L, _ = x.shape
+        return x.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)  # B x H x L x Dh
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        B, _, L, _ = x.shape
+        return x.transpose(1, 2).reshape(B, L, self.embed_dim)  # B x L x D
+
+    def forward(
+        self, x: Tensor, mem: Optional[TensorState], keep: Optional[int]
+    ) -> Tuple[Tensor, Optional[TensorState]]:
+        raise NotImplementedError
+
+    def aux_losses(self, new_mem: Optional[TensorState]) -> Dict[str, AuxLoss]:
+        """Auxiliary losses of this layer's last forward (e.g. a span penalty), name -> AuxLoss."""
+        return {}
+
+
+class SoftmaxAttention(Attention):
+    """Softmax attention over ``[memory; segment]`` with a ``HiddenMemory`` (Transformer-XL style:
+    keys/values of the memory are recomputed from the cached layer inputs). Subclasses implement
+    ``attend``, the inner attention ``(q, k, v) -> out`` (fast-transformers' split)."""
+
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
+        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D
+        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
+        k, v = (self.split_heads(t) for t in self.kv_proj(ctx).chunk(2, dim=-1))  # B x H x S x Dh
+        out = self.merge_heads(self.attend(q, k, v))  # B x T x D
+        return self.out_proj(out), HiddenMemory.extend(mem, x, keep)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Causal attention of T queries over S >= T keys, the last T of which are the queries'."""
+        raise NotImplementedError
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)

@@ -1,0 +1,1 @@
+from . import aux_cross_entropy  # noqa: F401

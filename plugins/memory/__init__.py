@@ -1,0 +1,3 @@
+from .state import DecoderState, HiddenMemory, TensorState
+
+__all__ = ["DecoderState", "HiddenMemory", "TensorState"]

@@ -1,0 +1,1 @@
+from . import efficient_lm  # noqa: F401

@@ -1,0 +1,160 @@
+"""``EfficientDecoder``: the only bridge between fairseq and the explicit state below it.
+
+Everything under this class is stateless: layers receive their memory and return the next one. This
+class is where state is *kept* between calls, in exactly two places:
+
+- ``incremental_state`` (fairseq's generator): the ``DecoderState`` of the sequences being generated,
+  reordered by ``reorder_incremental_state`` for beam search;
+- ``stream_memory`` (``segment_lm`` training/validation with ``--mem-len``): the detached
+  ``DecoderState`` of the previous segment of every stream, one per mode (train / eval) so validation
+  never leaks into training. The task resets it at every epoch and validation start.
+
+Shape legend: B = batch (streams), T = segment length, D = model dim, V = vocabulary.
+"""
+
+import math
+from typing import Dict, Optional
+
+import torch
+from fairseq import options
+from fairseq.models import FairseqIncrementalDecoder
+from fairseq.modules import AdaptiveInput, AdaptiveSoftmax
+from torch import Tensor, nn
+
+from ..attention import AuxLoss, build_attention
+from ..memory import DecoderState
+from ..modules import DecoderLayer, FeedForward, build_positions
+
+UNBOUNDED_POSITIONS = 1 << 20  # sinusoidal/none/relative positions have no table to run out of
+
+
+class EfficientDecoder(FairseqIncrementalDecoder):
+    def __init__(self, cfg, dictionary):
+        super().__init__(dictionary)
+        D = cfg.decoder_embed_dim
+        V = len(dictionary)
+        self.padding_idx = dictionary.pad()
+        self.mem_len = cfg.mem_len
+        self.autocast_bf16 = cfg.autocast_bf16
+        self.max_target_positions = cfg.max_target_positions
+
+        if cfg.adaptive_input:
+            self.embed_tokens = AdaptiveInput(
+                V, self.padding_idx, D, cfg.adaptive_input_factor, D,
+                options.eval_str_list(cfg.adaptive_input_cutoff, type=int), 0.0, 8,
+            )  # fmt: skip
+        else:
+            self.embed_tokens = nn.Embedding(V, D, padding_idx=self.padding_idx)
+            nn.init.normal_(self.embed_tokens.weight, std=D**-0.5)
+            nn.init.zeros_(self.embed_tokens.weight[self.padding_idx])
+        self.embed_scale = 1.0 if cfg.no_scale_embedding else math.sqrt(D)
+        self.positions = build_positions(cfg.pos_emb, D, cfg.max_target_positions)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+        # --share-layers: one set of weights applied decoder_layers times (Universal Transformer,
+        # Dehghani et al. 2019); every application still has its own memory.
+        self.num_layers = cfg.decoder_layers
+        self.layers = nn.ModuleList(
+            [self.build_layer(cfg) for _ in range(1 if cfg.share_layers else cfg.decoder_layers)]
+        )
+        self.final_norm = nn.LayerNorm(D) if cfg.decoder_normalize_before else None
+
+        self.adaptive_softmax = None
+        self.output_projection = None
+        if cfg.adaptive_softmax_cutoff is not None:
+            self.adaptive_softmax = AdaptiveSoftmax(
+                V, D, options.eval_str_list(cfg.adaptive_softmax_cutoff, type=int),
+                cfg.adaptive_softmax_dropout, factor=cfg.adaptive_softmax_factor,
+                adaptive_inputs=self.embed_tokens if cfg.tie_adaptive_weights else None,
+                tie_proj=cfg.tie_adaptive_proj,
+            )  # fmt: skip
+        else:
+            self.output_projection = nn.Linear(D, V, bias=False)
+            if cfg.share_decoder_input_output_embed:
+                self.output_projection.weight = self.embed_tokens.weight
+            else:
+                nn.init.normal_(self.output_projection.weight, std=D**-0.5)
+
+        self.stream_memory: Dict[str, DecoderState] = {}
+
+    @staticmethod
+    def build_layer(cfg) -> DecoderLayer:
+        D = cfg.decoder_embed_dim
+        attention = build_attention(cfg.attention, D, cfg.decoder_attention_heads, cfg.attention_dropout, cfg)
+        ffn = None
+        if cfg.decoder_ffn_embed_dim > 0:
+            ffn = FeedForward(D, cfg.decoder_ffn_embed_dim, cfg.activation_fn, cfg.activation_dropout)
+        return DecoderLayer(attention, ffn, D, cfg.dropout, cfg.decoder_normalize_before)
+
+    # ---- state kept between calls ---------------------------------------------------------------
+    def reset_memory(self, mode: Optional[str] = None) -> None:
+        """Forget the stream memory of ``mode`` ("train" / "eval"), or of both."""
+        if mode is None:
+            self.stream_memory.clear()
+        else:
+            self.stream_memory.pop(mode, None)
+
+    def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
+        state = self.get_incremental_state(incremental_state, "state")
+        if state is not None:
+            self.set_incremental_state(incremental_state, "state", state.index_select(new_order))
+
+    def max_positions(self) -> int:
+        return self.max_target_positions if self.positions is not None else UNBOUNDED_POSITIONS
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(
+        self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None,
+        incremental_state=None, features_only: bool = False, **unused,
+    ):  # fmt: skip
+        x, extra = self.extract_features(prev_output_tokens, incremental_state)
+        if not features_only:
+            x = self.output_layer(x)
+        return x, extra
+
+    def extract_features(self, tokens: Tensor, incremental_state=None, **unused):
+        if incremental_state is not None:
+            # Generation: consume only the tokens not seen yet; keep all the past unless the model was
+            # trained with a bounded memory.
+            state = self.get_incremental_state(incremental_state, "state")
+            tokens = tokens[:, (0 if state is None else state.position) :]
+            x, state, aux = self.run(tokens, state, keep=self.mem_len or None)
+            self.set_incremental_state(incremental_state, "state", state)
+        elif self.mem_len > 0:
+            # Contiguous streams (segment_lm): continue from the previous segment of the same streams.
+            mode = "train" if self.training else "eval"
+            state = self.stream_memory.get(mode)
+            if state is not None and state.batch_size != tokens.size(0):
+                state = None  # a different number of streams is a different stream layout
+            x, state, aux = self.run(tokens, state, keep=self.mem_len)
+            self.stream_memory[mode] = state.detach()  # no gradient into the previous segment
+        else:
+            x, _, aux = self.run(tokens, None, keep=0)
+        return x, {"attn": [None], "aux_losses": aux}
+
+    def run(self, tokens: Tensor, state: Optional[DecoderState], keep: Optional[int]):
+        """Embed ``tokens`` (B x T), run every layer with its memory; return B x T x D features."""
+        B, T = tokens.shape
+        start = 0 if state is None else state.position
+        x = self.embed_scale * self.embed_tokens(tokens)  # B x T x D
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(start, start + T, device=tokens.device))
+        x = self.dropout(x)
+
+        past = [None] * self.num_layers if state is None else state.layers
+        new_layers, aux = [], {}
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
+            for i in range(self.num_layers):
+                layer = self.layers[i % len(self.layers)]
+                x, mem = layer(x, past[i], keep)
+                new_layers.append(mem)
+                for name, term in layer.attn.aux_losses(mem).items():
+                    aux[name] = term if name not in aux else AuxLoss(aux[name].value + term.value, term.weight)
+            if self.final_norm is not None:
+                x = self.final_norm(x)
+        return x.float(), DecoderState(new_layers, start + T), aux
+
+    def output_layer(self, features: Tensor) -> Tensor:
+        if self.adaptive_softmax is not None:
+            return features  # the adaptive softmax is applied by get_normalized_probs / the criterion
+        return self.output_projection(features)  # B x T x V

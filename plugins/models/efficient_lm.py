@@ -1,0 +1,196 @@
+"""``efficient_lm``: one decoder-only LM where attention, memory, positions and feed-forward are
+chosen independently (``--attention``, ``--mem-len``, ``--pos-emb``, ``--decoder-ffn-embed-dim``).
+
+Sizes use fairseq ``transformer_lm``'s option names. The options of every registered attention are
+merged into this model's config (each mechanism declares them next to its code), so a new mechanism
+brings its command-line options with it.
+
+Presets (``--arch``) only set defaults; anything given on the command line wins.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from fairseq import utils
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
+from omegaconf import II
+
+from ..attention import ATTENTION_REGISTRY, AuxLoss
+from ..errors import UserError
+from ..modules import POSITIONAL_REGISTRY
+from .decoder import EfficientDecoder
+
+ABSOLUTE_POSITIONS = ("sinusoidal", "learned")
+
+
+@dataclass
+class EfficientLMBaseConfig(FairseqDataclass):
+    attention: ChoiceEnum(sorted(ATTENTION_REGISTRY)) = field(
+        default="full", metadata={"help": "attention mechanism (plugins/attention/<name>.py)"}
+    )
+    pos_emb: ChoiceEnum(sorted(POSITIONAL_REGISTRY)) = field(
+        default="sinusoidal", metadata={"help": "positional encoding"}
+    )
+    mem_len: int = field(
+        default=0,
+        metadata={"help": "segment memory: positions of the previous segments every layer attends to (0: none); "
+                  "needs --task segment_lm so consecutive batches continue the same streams"},
+    )  # fmt: skip
+    decoder_layers: int = field(default=6, metadata={"help": "number of decoder layers"})
+    decoder_embed_dim: int = field(default=512, metadata={"help": "model dimension"})
+    decoder_ffn_embed_dim: int = field(
+        default=2048, metadata={"help": "feed-forward inner dimension (0: no feed-forward sublayer)"}
+    )
+    decoder_attention_heads: int = field(default=8, metadata={"help": "attention heads"})
+    decoder_normalize_before: bool = field(
+        default=False, metadata={"help": "pre-norm residual blocks (LayerNorm before each sublayer)"}
+    )
+    dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and sublayer outputs"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the feed-forward activation"})
+    activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
+        default="relu", metadata={"help": "feed-forward activation"}
+    )
+    share_layers: bool = field(
+        default=False, metadata={"help": "one layer's weights reused at every depth (Universal Transformer)"}
+    )
+    share_decoder_input_output_embed: bool = field(
+        default=False, metadata={"help": "tie input embedding and output projection"}
+    )
+    no_scale_embedding: bool = field(default=False, metadata={"help": "do not scale embeddings by sqrt(D)"})
+    adaptive_input: bool = field(default=False, metadata={"help": "adaptive input embeddings (Baevski & Auli 2019)"})
+    adaptive_input_factor: float = field(default=4, metadata={"help": "adaptive input dimension shrink factor"})
+    adaptive_input_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated adaptive input cutoffs"}
+    )
+    adaptive_softmax_cutoff: Optional[str] = field(
+        default=None, metadata={"help": "comma-separated adaptive softmax cutoffs (Grave et al. 2017)"}
+    )
+    adaptive_softmax_dropout: float = field(default=0.0, metadata={"help": "dropout in adaptive softmax tails"})
+    adaptive_softmax_factor: float = field(default=4, metadata={"help": "adaptive softmax dimension shrink factor"})
+    tie_adaptive_weights: bool = field(default=False, metadata={"help": "tie adaptive input and softmax weights"})
+    tie_adaptive_proj: bool = field(default=False, metadata={"help": "tie adaptive input and softmax projections"})
+    autocast_bf16: bool = field(
+        default=False,
+        metadata={"help": "run the decoder layers under torch.autocast(bfloat16) on CPU or GPU (fairseq's "
+                  "--bf16 means TPU); logits and loss stay float32"},
+    )  # fmt: skip
+    tokens_per_sample: int = II("task.tokens_per_sample")
+    max_target_positions: Optional[int] = II("task.max_target_positions")
+
+
+def _merge_attention_options(base):
+    """Subclass ``base`` with the option fields of every registered attention."""
+    merged: Dict[str, dataclasses.Field] = {}
+    for name, entry in sorted(ATTENTION_REGISTRY.items()):
+        for f in dataclasses.fields(entry.config):
+            if f.name in merged and (merged[f.name].type, merged[f.name].default) != (f.type, f.default):
+                raise TypeError(f"attention option '{f.name}' is declared differently by two mechanisms")
+            merged[f.name] = f
+    fields = [(f.name, f.type, field(default=f.default, metadata=f.metadata)) for f in merged.values()]
+    return dataclasses.make_dataclass("EfficientLMConfig", fields, bases=(base,))
+
+
+EfficientLMConfig = _merge_attention_options(EfficientLMBaseConfig)
+
+
+def validate_config(cfg) -> None:
+    """Reject bad or meaningless combinations before any data is read or weights are built."""
+    for name in ("decoder_layers", "decoder_embed_dim", "decoder_attention_heads"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    for name in ("mem_len", "decoder_ffn_embed_dim"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.decoder_embed_dim % cfg.decoder_attention_heads != 0:
+        raise UserError(
+            f"--decoder-attention-heads {cfg.decoder_attention_heads} does not divide --decoder-embed-dim "
+            f"{cfg.decoder_embed_dim}; choose heads that divide the model dimension"
+        )
+    attention = ATTENTION_REGISTRY[cfg.attention].cls
+    if cfg.mem_len > 0 and not attention.supports_memory:
+        raise UserError(f"--attention {cfg.attention} cannot attend over a memory; drop --mem-len")
+    if cfg.mem_len > 0 and cfg.pos_emb in ABSOLUTE_POSITIONS:
+        raise UserError(
+            f"--mem-len needs positions that stay valid across segments; --pos-emb {cfg.pos_emb} is absolute "
+            "(every segment would restart at position 0): use --pos-emb none (or relative encodings)"
+        )
+    if cfg.adaptive_input and cfg.adaptive_input_cutoff is None:
+        raise UserError("--adaptive-input needs --adaptive-input-cutoff (e.g. 20000,60000)")
+    if cfg.tie_adaptive_weights and not (cfg.adaptive_input and cfg.adaptive_softmax_cutoff):
+        raise UserError("--tie-adaptive-weights needs both --adaptive-input and --adaptive-softmax-cutoff")
+    if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
+        raise UserError("--share-decoder-input-output-embed is for plain embeddings; use --tie-adaptive-weights")
+
+
+@register_model("efficient_lm", dataclass=EfficientLMConfig)
+class EfficientLM(FairseqLanguageModel):
+    @classmethod
+    def build_model(cls, cfg, task):
+        if getattr(cfg, "max_target_positions", None) is None:
+            cfg.max_target_positions = cfg.tokens_per_sample
+        validate_config(cfg)
+        return cls(EfficientDecoder(cfg, task.target_dictionary))
+
+    def aux_losses(self, net_output) -> Dict[str, AuxLoss]:
+        """Auxiliary losses of the forward pass that produced ``net_output``: name -> (value, weight)."""
+        return net_output[1].get("aux_losses", {})
+
+    def reset_memory(self, mode: Optional[str] = None) -> None:
+        self.decoder.reset_memory(mode)
+
+
+# ---- presets: they only set defaults (fairseq fills the rest from the config dataclass; ----------
+# ---- ``--arch efficient_lm`` is registered by fairseq itself and means the plain defaults) -------
+def _defaults(args, **values):
+    for name, value in values.items():
+        setattr(args, name, getattr(args, name, value))
+
+
+@register_model_architecture("efficient_lm", "full_tiny")
+def full_tiny(args):
+    """Trains in seconds on a CPU: tests, the quickstart, smoke runs."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=64, decoder_ffn_embed_dim=256, decoder_attention_heads=4,
+              decoder_normalize_before=True, dropout=0.0, share_decoder_input_output_embed=True)  # fmt: skip
+
+
+@register_model_architecture("efficient_lm", "full_small")
+def full_small(args):
+    """Quickstart-sized: 4 layers x 128, about 1M parameters on a byte vocabulary."""
+    _defaults(args, decoder_layers=4, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_attention_heads=4,
+              decoder_normalize_before=True, dropout=0.1, share_decoder_input_output_embed=True)  # fmt: skip
+
+
+@register_model_architecture("efficient_lm", "full_enwik8")
+def full_enwik8(args):
+    """Vanilla-attention twin of Transformer-XL's enwik8 base model (Dai et al. 2019, official
+    run_enwik8_base.sh: 12 layers, d_model 512, 8 heads, d_inner 2048, dropout 0.1)."""
+    _defaults(args, decoder_layers=12, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
+              dropout=0.1, attention_dropout=0.0)  # fmt: skip
+
+
+@register_model_architecture("efficient_lm", "full_wt103")
+def full_wt103(args):
+    """Baevski & Auli 2019 (fairseq's transformer_lm_wiki103): 16 layers x 1024, 8 heads, FFN 4096,
+    pre-norm, adaptive input + tied adaptive softmax with cutoffs 20000,60000, dropout 0.3."""
+    _defaults(args, decoder_layers=16, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
+              decoder_normalize_before=True, dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
+              adaptive_input=True, adaptive_input_cutoff="20000,60000", adaptive_softmax_cutoff="20000,60000",
+              adaptive_softmax_dropout=0.2, tie_adaptive_weights=True, tie_adaptive_proj=True)  # fmt: skip
+
+
+@register_model_architecture("efficient_lm", "full_ptb")
+def full_ptb(args):
+    """Word-level PTB/WikiText-2 size (our choice, no paper preset): 4 layers x 256, heavy dropout
+    because PTB overfits within a few epochs; tied embeddings as in Press & Wolf 2017."""
+    _defaults(args, decoder_layers=4, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
+              decoder_normalize_before=True, dropout=0.3, attention_dropout=0.1,
+              share_decoder_input_output_embed=True)  # fmt: skip
+
+
+@register_model_architecture("efficient_lm", "full_wt2")
+def full_wt2(args):
+    """WikiText-2: the PTB preset (same data scale, 2M tokens)."""
+    full_ptb(args)

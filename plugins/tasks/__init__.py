@@ -1,0 +1,1 @@
+from . import segment_lm  # noqa: F401

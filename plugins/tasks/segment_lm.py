@@ -1,0 +1,168 @@
+"""``segment_lm``: language modeling over contiguous streams, for models with memory (and without).
+
+Differences from fairseq's ``language_modeling`` (which it extends, so sampling with
+``fairseq-interactive``/``fairseq-generate`` works unchanged):
+
+- training, validation and ``fairseq-eval-lm`` read the split as contiguous streams
+  (``SegmentStreamDataset``): batch i+1 continues batch i, every token is scored exactly once;
+- the model's stream memory is reset at the start of every epoch and every validation pass;
+- ``--context-window`` is rejected: memory, not overlapping windows, gives a model its long context;
+- the data's unit (byte / char / word / subword) is known, so the criterion labels bpb / bpc / ppl.
+"""
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.data import data_utils, iterators
+from fairseq.dataclass import ChoiceEnum
+from fairseq.distributed import utils as dist_utils
+from fairseq.tasks import register_task
+from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from omegaconf import II
+
+from ..errors import UserError
+from .stream_dataset import SegmentStreamDataset, flat_tokens
+
+logger = logging.getLogger(__name__)
+
+TOKEN_UNITS = ("byte", "char", "word", "subword")
+
+
+@dataclass
+class SegmentLMConfig(LanguageModelingConfig):
+    token_unit: ChoiceEnum(("auto",) + TOKEN_UNITS) = field(
+        default="auto",
+        metadata={"help": "what one token is, for the logged metric (byte: bpb, char: bpc, word/subword: ppl); "
+                  "auto: read <data>/metadata.json written by preprocess/, else guess from the dictionary"},
+    )  # fmt: skip
+    max_tokens: Optional[int] = II("dataset.max_tokens")
+    max_tokens_valid: Optional[int] = II("dataset.max_tokens_valid")
+    train_subset: str = II("dataset.train_subset")
+
+
+def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
+    meta = os.path.join(data_dir or "", "metadata.json")
+    if data_dir and os.path.exists(meta):
+        with open(meta) as f:
+            return json.load(f)["unit"]
+    symbols = dictionary.symbols[dictionary.nspecial :]
+    if symbols and all(s.isdigit() and int(s) < 256 for s in symbols):
+        return "byte"  # preprocess/ writes bytes as their decimal value
+    if symbols and all(len(s) == 1 for s in symbols):
+        return "char"
+    return "word"
+
+
+def data_parallel_position() -> dict:
+    if not torch.distributed.is_initialized():
+        return {"world_size": 1, "rank": 0}
+    return {"world_size": dist_utils.get_data_parallel_world_size(), "rank": dist_utils.get_data_parallel_rank()}
+
+
+@register_task("segment_lm", dataclass=SegmentLMConfig)
+class SegmentLMTask(LanguageModelingTask):
+    @classmethod
+    def setup_task(cls, args, **kwargs):
+        if args.tokens_per_sample <= 0:
+            raise UserError(f"--tokens-per-sample must be positive, got {args.tokens_per_sample}")
+        if args.sample_break_mode not in (None, "none"):
+            raise UserError("segment_lm streams the corpus contiguously: drop --sample-break-mode")
+        if not args.data or not os.path.isdir(utils.split_paths(args.data)[0]):
+            raise UserError(f"data directory '{args.data}' not found: binarize a corpus with preprocess/ first")
+        if not os.path.exists(os.path.join(utils.split_paths(args.data)[0], "dict.txt")):
+            raise UserError(f"'{args.data}' has no dict.txt: it is not a fairseq-preprocess output directory")
+        return super().setup_task(args, **kwargs)
+
+    def __init__(self, args, dictionary, output_dictionary=None, targets=None):
+        super().__init__(args, dictionary, output_dictionary, targets)
+        unit = args.token_unit
+        self.token_unit = guess_token_unit(utils.split_paths(args.data)[0] if args.data else None, dictionary) if unit == "auto" else unit  # fmt: skip
+        logger.info(f"token unit: {self.token_unit}")
+
+    def streams_per_rank(self, split: str) -> int:
+        """Streams (rows of every batch) per worker: --batch-size, or --max-tokens / --tokens-per-sample."""
+        train = split == self.args.train_subset
+        bsz = self.args.batch_size if train else (self.args.batch_size_valid or self.args.batch_size)
+        max_tokens = self.args.max_tokens if train else (self.args.max_tokens_valid or self.args.max_tokens)
+        if bsz is None and max_tokens is not None:
+            bsz = max_tokens // self.args.tokens_per_sample
+        if not bsz or bsz <= 0:
+            raise UserError(
+                "segment_lm needs the number of streams: give --batch-size (or --max-tokens >= --tokens-per-sample)"
+            )
+        return bsz
+
+    def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
+        data_path = utils.split_paths(self.args.data)[(epoch - 1) % len(utils.split_paths(self.args.data))]
+        split_path = os.path.join(data_path, split)
+        dataset = data_utils.load_indexed_dataset(split_path, self.dictionary, self.args.dataset_impl)
+        if dataset is None:
+            raise UserError(f"split '{split}' not found in {data_path} (expected {split}.bin / {split}.idx)")
+        tokens = flat_tokens(dataset, split_path + ".bin")
+        if len(tokens) and int(tokens.max()) >= len(self.dictionary):
+            raise UserError(
+                f"{split_path}.bin holds token id {int(tokens.max())} but dict.txt has {len(self.dictionary)} "
+                "entries: the dictionary does not belong to this data; binarize again with its dictionary"
+            )
+        self.datasets[split] = SegmentStreamDataset(
+            tokens,
+            eos=self.dictionary.eos(),
+            pad=self.dictionary.pad(),
+            segment_len=self.args.tokens_per_sample,
+            streams_per_rank=self.streams_per_rank(split),
+            **data_parallel_position(),
+        )
+        ds = self.datasets[split]
+        logger.info(
+            f"{split}: {ds.num_targets} targets, {ds.streams_per_rank} streams x {len(ds)} segments of "
+            f"{ds.segment_len} (rank {ds.rank}/{ds.world_size})"
+        )
+
+    def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
+                           ignore_invalid_inputs=False, required_batch_size_multiple=1, seed=1, num_shards=1,
+                           shard_id=0, num_workers=0, epoch=1, data_buffer_size=0, disable_iterator_cache=False,
+                           skip_remainder_batch=False, grouped_shuffling=False, update_epoch_batch_itr=False):  # fmt: skip
+        if not isinstance(dataset, SegmentStreamDataset):  # e.g. generation's inference dataset
+            return super().get_batch_iterator(
+                dataset, max_tokens, max_sentences, max_positions, ignore_invalid_inputs,
+                required_batch_size_multiple, seed, num_shards, shard_id, num_workers, epoch,
+                data_buffer_size, disable_iterator_cache, skip_remainder_batch, grouped_shuffling,
+                update_epoch_batch_itr,
+            )  # fmt: skip
+        # One item is one batch; batches come in order. The dataset is already this rank's shard.
+        return iterators.EpochBatchIterator(
+            dataset=dataset,
+            collate_fn=dataset.collater,
+            batch_sampler=[[i] for i in range(len(dataset))],
+            seed=seed,
+            num_workers=num_workers,
+            epoch=epoch,
+            buffer_size=data_buffer_size,
+            disable_shuffling=True,
+        )
+
+    def eval_lm_dataloader(self, dataset, max_tokens=36000, batch_size=None, max_positions=None, num_shards=1,
+                           shard_id=0, num_workers=1, data_buffer_size=10, context_window=0):  # fmt: skip
+        if context_window > 0:
+            raise UserError(
+                "segment_lm scores every token once in contiguous segments; --context-window does not apply. "
+                "Give the model context with memory instead: --model-overrides \"{'mem_len': M}\""
+            )
+        if batch_size is not None and batch_size != dataset.streams_per_rank:
+            dataset = dataset.with_streams(batch_size)
+        return self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size).next_epoch_itr(shuffle=False)  # fmt: skip
+
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        if hasattr(model, "reset_memory"):
+            model.reset_memory("train")
+
+    def begin_valid_epoch(self, epoch, model):
+        super().begin_valid_epoch(epoch, model)
+        if hasattr(model, "reset_memory"):
+            model.reset_memory("eval")
