@@ -5,9 +5,8 @@ fields become command-line options of ``efficient_lm`` automatically (see ``mode
 so adding a mechanism is adding a file here and an import below.
 """
 
-from .base import ATTENTION_REGISTRY, Attention, AuxLoss, build_attention, register_attention
-
 # Import every mechanism so it registers itself (fairseq only auto-imports models/ and tasks/).
 from . import full, naive  # noqa: E402,F401
+from .base import ATTENTION_REGISTRY, Attention, AuxLoss, build_attention, register_attention
 
 __all__ = ["ATTENTION_REGISTRY", "Attention", "AuxLoss", "build_attention", "register_attention"]

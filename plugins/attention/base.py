@@ -42,7 +42,7 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class RegistryEntry:
-    cls: Type["Attention"]
+    cls: Type[Attention]
     config: Type[AttentionConfig]
 
 
@@ -60,7 +60,7 @@ def register_attention(name: str, config: Type[AttentionConfig] = AttentionConfi
     return wrap
 
 
-def build_attention(name: str, embed_dim: int, num_heads: int, dropout: float, options) -> "Attention":
+def build_attention(name: str, embed_dim: int, num_heads: int, dropout: float, options) -> Attention:
     """Build ``--attention name``; mechanism options are read from ``options`` by field name."""
     if name not in ATTENTION_REGISTRY:
         raise UserError(f"unknown --attention '{name}': choose one of {', '.join(sorted(ATTENTION_REGISTRY))}")

@@ -58,7 +58,7 @@ class HiddenMemory(TensorState):
         return self.hidden.size(1)
 
     @staticmethod
-    def extend(mem: Optional["HiddenMemory"], x: Tensor, keep: Optional[int]) -> Optional["HiddenMemory"]:
+    def extend(mem: Optional[HiddenMemory], x: Tensor, keep: Optional[int]) -> Optional[HiddenMemory]:
         """Append this segment's inputs ``x`` (B x T x D) and keep the last ``keep`` positions
         (``None``: keep all, as incremental decoding of a full-context model does; 0: no memory)."""
         if keep == 0:

@@ -84,7 +84,7 @@ class EfficientLMBaseConfig(FairseqDataclass):
 def _merge_attention_options(base):
     """Subclass ``base`` with the option fields of every registered attention."""
     merged: Dict[str, dataclasses.Field] = {}
-    for name, entry in sorted(ATTENTION_REGISTRY.items()):
+    for _, entry in sorted(ATTENTION_REGISTRY.items()):
         for f in dataclasses.fields(entry.config):
             if f.name in merged and (merged[f.name].type, merged[f.name].default) != (f.type, f.default):
                 raise TypeError(f"attention option '{f.name}' is declared differently by two mechanisms")
