@@ -8,6 +8,8 @@
 # - Builds fairseq against the installed torch (--no-build-isolation) so its C++/Cython extensions match.
 # - The second run is a no-op in seconds (a stamp of this file + setup.py in the environment).
 #
+# `bash install.sh --print-python` prints the interpreter to use (no install).
+#
 # Environment: PYTHON (interpreter for a new .venv, default python3), TORCH_SPEC (what to install when
 # no torch is importable, default torch==2.13.0), EFFICIENT_LM_EXTRAS (pip extras, default "test").
 set -euo pipefail
@@ -35,14 +37,20 @@ else
   PY="$ROOT/.venv/bin/python"
 fi
 
+if [[ "${1:-}" == "--print-python" ]]; then
+  echo "$PY"  # the interpreter the README commands use (after installing)
+  exit 0
+fi
+
 ENV_PREFIX="$("$PY" -c 'import sys; print(sys.prefix)')"
 STAMP="$ENV_PREFIX/.efficient_lm_install_stamp"
 WANT="$(cat install.sh setup.py | sha256sum | cut -d' ' -f1) $EXTRAS"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && "$PY" -c 'import torch, fairseq, plugins' 2>/dev/null; then
+FOUND='import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in ("torch", "fairseq", "plugins")))'
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && "$PY" -c "$FOUND" 2>/dev/null; then
   exit 0  # already installed: nothing to do
 fi
 
-PIP=("$PY" -m pip --disable-pip-version-check)
+PIP=("$PY" -m pip --disable-pip-version-check --quiet)
 if ! "$PY" -c 'import torch' 2>/dev/null; then
   echo "install.sh: no importable torch, installing $TORCH_SPEC"
   "${PIP[@]}" install "$TORCH_SPEC"

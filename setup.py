@@ -25,6 +25,7 @@ setup(
         "submitit>=1.5",
         "matplotlib>=3.7",
         "pyyaml>=6",
+        "tensorboardX>=2.6",  # fairseq --tensorboard-logdir (and silences its import-time notice)
     ],
     extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
 )

@@ -1,0 +1,1 @@
+"""Experiments, sweeps, benchmarks and the quickstart built on the ``plugins/`` user dir."""

@@ -1,0 +1,149 @@
+"""End to end through the real fairseq command-line tools with ``--user-dir plugins``.
+
+fairseq-train -> fairseq-eval-lm (the same loss as validation), sampling with fairseq-interactive,
+2-process CPU data parallelism, and bad input that must stop with one clear line before training.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+PLUGINS = str(ROOT / "plugins")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+TRAIN = [
+    "--user-dir", PLUGINS, "--task", "segment_lm", "--arch", "full_tiny", "--criterion", "aux_cross_entropy",
+    "--tokens-per-sample", "32", "--batch-size", "4", "--optimizer", "adam", "--lr", "0.003",
+    "--cpu", "--num-workers", "0", "--log-format", "simple", "--log-interval", "5", "--seed", "3",
+    "--no-epoch-checkpoints",
+]  # fmt: skip
+
+
+def fairseq(tool, *args, check=True, env=None):
+    proc = subprocess.run(
+        [str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=env or ENV, cwd=ROOT, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    """A small byte-level slice of the embedded corpus, binarized by the project's own script."""
+    tmp = tmp_path_factory.mktemp("cli")
+    raw, out = tmp / "raw", tmp / "data-bin"
+    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
+    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
+    subprocess.run(
+        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--name", "tiny", "--out", out],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    return out
+
+
+def last_valid(stdout: str, metric: str) -> float:
+    values = re.findall(rf"valid on 'valid' subset \|.* {metric} ([\d.]+)", stdout)
+    assert values, stdout[-2000:]
+    return float(values[-1])
+
+
+def eval_lm_loss(stdout_and_err: str) -> float:
+    match = re.search(r"Loss \(base 2\): ([\d.]+)", stdout_and_err)
+    assert match, stdout_and_err[-2000:]
+    return float(match.group(1))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--pos-emb", "none", "--mem-len", "48"]],
+    ids=["full", "full+memory"],
+)
+def test_train_then_eval_lm_reports_the_validation_loss(data_bin, tmp_path, extra):
+    train = fairseq("fairseq-train", data_bin, *TRAIN, *extra, "--max-update", "25", "--save-dir", tmp_path)
+    assert "| train_inner |" in train.stdout and "bpb=" in train.stdout  # byte data is labelled bits per byte
+    valid_bpb = last_valid(train.stdout, "bpb")
+    evaluated = fairseq(
+        "fairseq-eval-lm", data_bin, "--user-dir", PLUGINS, "--task", "segment_lm", "--path",
+        tmp_path / "checkpoint_best.pt", "--gen-subset", "valid", "--tokens-per-sample", "32",
+        "--batch-size", "4", "--cpu",
+    )  # fmt: skip
+    output = evaluated.stdout + evaluated.stderr
+    assert abs(eval_lm_loss(output) - valid_bpb) < 6e-4, (valid_bpb, output[-500:])
+    # every byte of the split is scored once: tokens = bytes (newlines are the </s> tokens)
+    n_bytes = int(re.search(r"Evaluated ([\d,]+) tokens", output).group(1).replace(",", ""))
+    assert n_bytes == len((data_bin.parent / "raw" / "valid.txt").read_bytes())
+
+
+def test_sampling_with_fairseq_interactive(data_bin, tmp_path):
+    fairseq("fairseq-train", data_bin, *TRAIN, "--max-update", "10", "--save-dir", tmp_path)
+    prompt = " ".join(str(b) for b in b"ticket 12")
+    for extra in (["--sampling", "--sampling-topk", "5", "--beam", "1"], ["--beam", "3", "--nbest", "2"]):
+        proc = subprocess.run(
+            [str(BIN / "fairseq-interactive"), str(data_bin), "--user-dir", PLUGINS, "--task", "segment_lm",
+             "--path", str(tmp_path / "checkpoint_last.pt"), "--max-len-b", "20", "--cpu", *extra],
+            input=prompt + "\n", capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        hypos = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-0")]
+        assert len(hypos) == (1 if "--sampling" in extra else 2), proc.stdout
+        tokens = hypos[0][2].split()
+        assert tokens[: len(prompt.split())] == prompt.split()  # the output starts with the prompt
+        assert len(tokens) > len(prompt.split())
+
+
+def test_two_process_cpu_data_parallel(data_bin, tmp_path):
+    proc = subprocess.run(
+        ["bash", str(ROOT / "recipes" / "cpu_distributed.sh"), "2", str(data_bin), *TRAIN,
+         "--max-update", "6", "--save-dir", str(tmp_path)],
+        capture_output=True, text=True, env={**ENV, "FAIRSEQ_TRAIN": str(BIN / "fairseq-train")}, cwd=ROOT,
+        timeout=600,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "training on 2 devices" in output
+    assert "bsz=8" in output  # 2 ranks x 4 streams each
+    assert (tmp_path / "checkpoint_last.pt").exists()
+
+
+BAD_INPUT = {
+    "heads do not divide dim": (["--decoder-attention-heads", "3"], "does not divide --decoder-embed-dim"),
+    "memory with absolute positions": (["--mem-len", "16"], "--pos-emb sinusoidal is absolute"),
+    "negative memory": (["--mem-len", "-1", "--pos-emb", "none"], "--mem-len must be >= 0"),
+    "negative segment length": (["--tokens-per-sample", "-5"], "--tokens-per-sample must be positive"),
+    "missing split": (["--valid-subset", "nosuchsplit"], "split 'nosuchsplit' not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_training_input_gives_one_clear_line(data_bin, tmp_path, case):
+    extra, message = BAD_INPUT[case]
+    proc = fairseq("fairseq-train", data_bin, *TRAIN, *extra, "--max-update", "5", "--save-dir", tmp_path, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines[-3:]
+    assert not list(tmp_path.glob("*.pt"))  # nothing was trained or saved
+
+
+def test_unknown_attention_is_rejected_by_the_parser(data_bin, tmp_path):
+    proc = fairseq("fairseq-train", data_bin, *TRAIN, "--attention", "nosuch", "--save-dir", tmp_path, check=False)
+    assert proc.returncode == 2 and "invalid choice: 'nosuch'" in proc.stderr
+
+
+def test_context_window_is_rejected_by_eval_lm(data_bin, tmp_path):
+    fairseq("fairseq-train", data_bin, *TRAIN, "--max-update", "2", "--save-dir", tmp_path)
+    proc = fairseq(
+        "fairseq-eval-lm", data_bin, "--user-dir", PLUGINS, "--task", "segment_lm", "--path",
+        tmp_path / "checkpoint_last.pt", "--context-window", "16", "--tokens-per-sample", "32", "--cpu",
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--context-window does not apply" in proc.stderr.strip().splitlines()[-1]
