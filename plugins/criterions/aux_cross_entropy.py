@@ -58,9 +58,10 @@ class AuxCrossEntropyCriterion(FairseqCriterion):
         adaptive_softmax = getattr(model.decoder, "adaptive_softmax", None)
         if adaptive_softmax is not None:  # Grave et al. 2017: head + tail clusters, never the full V
             logits, targets = adaptive_softmax(net_output[0], target.reshape(-1))
+            # pad only occurs in the head; in a tail, class ``pad`` is the word cutoff[i] + pad, a real word
             return sum(
-                F.cross_entropy(lg.float(), tg, ignore_index=pad, reduction="sum")
-                for lg, tg in zip(logits, targets)
+                F.cross_entropy(lg.float(), tg, ignore_index=pad if i == 0 else -100, reduction="sum")
+                for i, (lg, tg) in enumerate(zip(logits, targets))
                 if lg is not None
             )
         logits = net_output[0]  # B x T x V

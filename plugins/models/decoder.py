@@ -25,7 +25,7 @@ from ..attention import AuxLoss, build_attention
 from ..memory import DecoderState
 from ..modules import DecoderLayer, FeedForward, build_positions
 
-UNBOUNDED_POSITIONS = 1 << 20  # sinusoidal/none/relative positions have no table to run out of
+UNBOUNDED_POSITIONS = 1 << 20  # only learned positions have a table to run out of
 
 
 class EfficientDecoder(FairseqIncrementalDecoder):
@@ -100,7 +100,7 @@ class EfficientDecoder(FairseqIncrementalDecoder):
             self.set_incremental_state(incremental_state, "state", state.index_select(new_order))
 
     def max_positions(self) -> int:
-        return self.max_target_positions if self.positions is not None else UNBOUNDED_POSITIONS
+        return getattr(self.positions, "max_positions", UNBOUNDED_POSITIONS)
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
@@ -137,8 +137,9 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         B, T = tokens.shape
         start = 0 if state is None else state.position
         x = self.embed_scale * self.embed_tokens(tokens)  # B x T x D
+        dtype = x.dtype  # the model's dtype (float32, or half/bf16 under --fp16/--bf16, float64 in tests)
         if self.positions is not None:
-            x = x + self.positions(torch.arange(start, start + T, device=tokens.device))
+            x = x + self.positions(torch.arange(start, start + T, device=tokens.device)).to(dtype)
         x = self.dropout(x)
 
         past = [None] * self.num_layers if state is None else state.layers
@@ -152,7 +153,7 @@ class EfficientDecoder(FairseqIncrementalDecoder):
                     aux[name] = term if name not in aux else AuxLoss(aux[name].value + term.value, term.weight)
             if self.final_norm is not None:
                 x = self.final_norm(x)
-        return x.float(), DecoderState(new_layers, start + T), aux
+        return x.to(dtype), DecoderState(new_layers, start + T), aux
 
     def output_layer(self, features: Tensor) -> Tensor:
         if self.adaptive_softmax is not None:

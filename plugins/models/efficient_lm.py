@@ -98,6 +98,10 @@ EfficientLMConfig = _merge_attention_options(EfficientLMBaseConfig)
 
 def validate_config(cfg) -> None:
     """Reject bad or meaningless combinations before any data is read or weights are built."""
+    if cfg.attention not in ATTENTION_REGISTRY:
+        raise UserError(f"unknown --attention '{cfg.attention}': choose one of {', '.join(sorted(ATTENTION_REGISTRY))}")
+    if cfg.pos_emb not in POSITIONAL_REGISTRY:
+        raise UserError(f"unknown --pos-emb '{cfg.pos_emb}': choose one of {', '.join(sorted(POSITIONAL_REGISTRY))}")
     for name in ("decoder_layers", "decoder_embed_dim", "decoder_attention_heads"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

@@ -31,13 +31,12 @@ def register_positions(name: str):
 class SinusoidalPositions(nn.Module):
     def __init__(self, embed_dim: int):
         super().__init__()
-        half = embed_dim // 2
-        inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float) / max(half, 1))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.embed_dim = embed_dim
 
-    def forward(self, positions: Tensor) -> Tensor:  # positions: T -> T x D
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # T x D/2
+    def forward(self, positions: Tensor) -> Tensor:  # positions: T -> T x D (float32 whatever the model dtype)
+        half = self.embed_dim // 2
+        inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / max(half, 1))
+        angles = positions.float()[:, None] * inv_freq[None, :]  # T x D/2
         pe = torch.cat([angles.sin(), angles.cos()], dim=-1)
         if pe.size(-1) < self.embed_dim:  # odd D
             pe = torch.nn.functional.pad(pe, (0, 1))

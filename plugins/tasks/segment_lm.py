@@ -50,7 +50,8 @@ def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
     if data_dir and os.path.exists(meta):
         with open(meta) as f:
             return json.load(f)["unit"]
-    symbols = dictionary.symbols[dictionary.nspecial :]
+    # fairseq-preprocess pads the dictionary to a multiple of 8 with madeupword0000, ...: not data
+    symbols = [s for s in dictionary.symbols[dictionary.nspecial :] if not s.startswith("madeupword")]
     if symbols and all(s.isdigit() and int(s) < 256 for s in symbols):
         return "byte"  # preprocess/ writes bytes as their decimal value
     if symbols and all(len(s) == 1 for s in symbols):

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from fairseq.data import FairseqDataset
 
+from ..errors import UserError
+
 
 class SegmentStreamDataset(FairseqDataset):
     """Item i is the whole batch i (the iterator feeds batches in order, never shuffled)."""
@@ -38,7 +40,7 @@ class SegmentStreamDataset(FairseqDataset):
         self.world_size, self.rank = world_size, rank
         n_targets, n_streams = len(tokens), streams_per_rank * world_size
         if n_targets < n_streams:
-            raise ValueError(
+            raise UserError(
                 f"the split has {n_targets} tokens, fewer than the {n_streams} streams asked for "
                 f"(batch size {streams_per_rank} x {world_size} workers): use a smaller --batch-size"
             )

@@ -1,0 +1,96 @@
+"""Shared fixtures of the plugin tests.
+
+The plugin is imported exactly the way ``fairseq-* --user-dir plugins`` imports it (module name
+``plugins``, its parent first on ``sys.path``), so a later ``--user-dir`` in the same process finds
+the same module and nothing registers twice. Never import it through another path.
+"""
+
+import argparse
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from fairseq import utils
+from fairseq.data import Dictionary
+
+REPO = Path(os.path.abspath(__file__)).parents[1]  # not resolve(): fairseq compares abspath()s
+
+utils.import_user_module(argparse.Namespace(user_dir=str(REPO / "plugins")))
+
+import plugins  # noqa: E402  (the module fairseq just imported, not a second copy)
+from plugins.models.efficient_lm import EfficientLM, EfficientLMConfig  # noqa: E402
+
+assert Path(plugins.__file__).resolve().parent == (REPO / "plugins").resolve(), "plugins was imported from another path"
+
+
+def make_dictionary(num_symbols: int = 20) -> Dictionary:
+    """4 specials (<s>=0, <pad>=1, </s>=2, <unk>=3) and ``num_symbols`` words w0, w1, ..."""
+    d = Dictionary()
+    for i in range(num_symbols):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def make_task(dictionary: Dictionary, token_unit: str = "word") -> SimpleNamespace:
+    """The parts of a fairseq task that ``EfficientLM.build_model`` and the criterion read."""
+    return SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, token_unit=token_unit)
+
+
+def model_config(**overrides):
+    """``EfficientLMConfig`` with tiny sizes and dropout 0. ``tokens_per_sample`` and
+    ``max_target_positions`` are ``II(task...)`` interpolations, so they are set explicitly."""
+    values = dict(
+        decoder_layers=2,
+        decoder_embed_dim=16,
+        decoder_ffn_embed_dim=32,
+        decoder_attention_heads=2,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        tokens_per_sample=32,
+        max_target_positions=64,
+    )
+    values.update(overrides)
+    cfg = EfficientLMConfig()
+    for name, value in values.items():
+        if not hasattr(cfg, name):
+            raise AttributeError(f"EfficientLMConfig has no field '{name}'")
+        setattr(cfg, name, value)
+    return cfg
+
+
+def build_lm(dictionary: Dictionary = None, seed: int = 0, **overrides) -> EfficientLM:
+    """Build ``efficient_lm`` the way fairseq does: ``build_model(cfg, task)``."""
+    torch.manual_seed(seed)
+    dictionary = dictionary if dictionary is not None else make_dictionary()
+    return EfficientLM.build_model(model_config(**overrides), make_task(dictionary))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def lm():
+    """The ``build_lm`` factory: ``lm(pos_emb="none", mem_len=4, ...)``."""
+    return build_lm
+
+
+@pytest.fixture
+def lm_config():
+    """The ``model_config`` factory."""
+    return model_config
+
+
+@pytest.fixture
+def dictionary() -> Dictionary:
+    return make_dictionary()
+
+
+@pytest.fixture
+def task_stub():
+    """The ``make_task`` factory."""
+    return make_task
