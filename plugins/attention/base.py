@@ -87,6 +87,7 @@ class Attention(nn.Module):
     registry_name: ClassVar[str] = "?"
     supports_memory: ClassVar[bool] = True  # can attend over a memory of past segments (--mem-len)
     supports_incremental: ClassVar[bool] = True  # can decode one token at a time (generation)
+    encodes_positions: ClassVar[Tuple[str, ...]] = ()  # --pos-emb values this attention implements itself
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig):
         super().__init__()
@@ -98,6 +99,10 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.head_dim)
 
     def split_heads(self, x: Tensor) -> Tensor:
         B, L, _ = x.shape
@@ -111,6 +116,9 @@ class Attention(nn.Module):
         self, x: Tensor, mem: Optional[TensorState], keep: Optional[int]
     ) -> Tuple[Tensor, Optional[TensorState]]:
         raise NotImplementedError
+
+    def share_with(self, first: Attention) -> None:
+        """Tie parameters shared across layers: called on layers 1..N-1 with layer 0's attention."""
 
     def aux_losses(self, new_mem: Optional[TensorState]) -> Dict[str, AuxLoss]:
         """Auxiliary losses of this layer's last forward (e.g. a span penalty), name -> AuxLoss."""
@@ -132,7 +140,3 @@ class SoftmaxAttention(Attention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """Causal attention of T queries over S >= T keys, the last T of which are the queries'."""
         raise NotImplementedError
-
-    @property
-    def scale(self) -> float:
-        return 1.0 / math.sqrt(self.head_dim)

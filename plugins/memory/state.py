@@ -12,14 +12,29 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
 
+STATE_TYPES: Dict[str, type] = {}
+
 
 class TensorState:
     """Mixin for dataclasses whose fields are tensors (or ``None``) with the batch on dim 0."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        STATE_TYPES[cls.__name__] = cls
+
+    def to_dict(self) -> dict:
+        """Plain dict of tensors and numbers (loadable with ``torch.load(weights_only=True)``)."""
+        return {"type": type(self).__name__, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    @staticmethod
+    def from_dict(d: dict) -> TensorState:
+        d = dict(d)
+        return STATE_TYPES[d.pop("type")](**d)
 
     def _map(self, fn):
         values = {}
@@ -76,6 +91,13 @@ class DecoderState(TensorState):
 
     layers: List[Optional[TensorState]]
     position: int = 0
+
+    def to_dict(self) -> dict:
+        return {"position": self.position, "layers": [None if s is None else s.to_dict() for s in self.layers]}
+
+    @staticmethod
+    def from_dict(d: dict) -> DecoderState:
+        return DecoderState([None if s is None else TensorState.from_dict(s) for s in d["layers"]], d["position"])
 
     def detach(self):
         return DecoderState([None if s is None else s.detach() for s in self.layers], self.position)

@@ -12,8 +12,9 @@ class is where state is *kept* between calls, in exactly two places:
 Shape legend: B = batch (streams), T = segment length, D = model dim, V = vocabulary.
 """
 
+import logging
 import math
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from fairseq import options
@@ -25,7 +26,14 @@ from ..attention import AuxLoss, build_attention
 from ..memory import DecoderState
 from ..modules import DecoderLayer, FeedForward, build_positions
 
+logger = logging.getLogger(__name__)
 UNBOUNDED_POSITIONS = 1 << 20  # only learned positions have a table to run out of
+
+
+def _data_parallel() -> List[int]:
+    if not torch.distributed.is_initialized():
+        return [0, 1]
+    return [torch.distributed.get_rank(), torch.distributed.get_world_size()]
 
 
 class EfficientDecoder(FairseqIncrementalDecoder):
@@ -75,7 +83,11 @@ class EfficientDecoder(FairseqIncrementalDecoder):
             else:
                 nn.init.normal_(self.output_projection.weight, std=D**-0.5)
 
+        for layer in self.layers[1:]:
+            layer.attn.share_with(self.layers[0].attn)  # e.g. Transformer-XL's global position biases
+
         self.stream_memory: Dict[str, DecoderState] = {}
+        self._warned_no_streams = False
 
     @staticmethod
     def build_layer(cfg) -> DecoderLayer:
@@ -94,6 +106,20 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         else:
             self.stream_memory.pop(mode, None)
 
+    def get_extra_state(self) -> dict:
+        """Saved in checkpoints: the training memory, so a resumed run continues exactly. Each process
+        holds its own streams; only the saving process's memory is kept (tagged with its rank)."""
+        state = self.stream_memory.get("train")
+        return {"train_memory": None if state is None else state.to_dict(), "rank": _data_parallel()}
+
+    def set_extra_state(self, extra: dict) -> None:
+        self.stream_memory.clear()
+        if extra and extra.get("train_memory") is not None:
+            if extra.get("rank") == _data_parallel():
+                self.stream_memory["train"] = DecoderState.from_dict(extra["train_memory"])
+            else:
+                logger.warning("checkpoint memory belongs to another worker: this worker's streams start afresh")
+
     def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
         state = self.get_incremental_state(incremental_state, "state")
         if state is not None:
@@ -104,15 +130,17 @@ class EfficientDecoder(FairseqIncrementalDecoder):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(
-        self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None,
-        incremental_state=None, features_only: bool = False, **unused,
+        self, prev_output_tokens: Tensor, src_lengths=None, encoder_out=None, incremental_state=None,
+        features_only: bool = False, stream_offset: Optional[int] = None, **unused,
     ):  # fmt: skip
-        x, extra = self.extract_features(prev_output_tokens, incremental_state)
+        """``stream_offset`` (from ``segment_lm``): position of this segment in its streams; the memory
+        is used only if it was left by the segment that ends exactly there."""
+        x, extra = self.extract_features(prev_output_tokens, incremental_state, stream_offset)
         if not features_only:
             x = self.output_layer(x)
         return x, extra
 
-    def extract_features(self, tokens: Tensor, incremental_state=None, **unused):
+    def extract_features(self, tokens: Tensor, incremental_state=None, stream_offset: Optional[int] = None, **unused):
         if incremental_state is not None:
             # Generation: consume only the tokens not seen yet; keep all the past unless the model was
             # trained with a bounded memory.
@@ -120,22 +148,29 @@ class EfficientDecoder(FairseqIncrementalDecoder):
             tokens = tokens[:, (0 if state is None else state.position) :]
             x, state, aux = self.run(tokens, state, keep=self.mem_len or None)
             self.set_incremental_state(incremental_state, "state", state)
-        elif self.mem_len > 0:
+        elif self.mem_len > 0 and stream_offset is not None:
             # Contiguous streams (segment_lm): continue from the previous segment of the same streams.
+            # The memory is valid only where it ended: a new epoch or pass (offset 0), another stream
+            # layout or a skipped segment start afresh, and a resumed run continues exactly.
             mode = "train" if self.training else "eval"
             state = self.stream_memory.get(mode)
-            if state is not None and state.batch_size != tokens.size(0):
-                state = None  # a different number of streams is a different stream layout
-            x, state, aux = self.run(tokens, state, keep=self.mem_len)
+            if state is not None and (state.position != stream_offset or state.batch_size != tokens.size(0)):
+                state = None
+            x, state, aux = self.run(tokens, state, keep=self.mem_len, start=stream_offset)
             self.stream_memory[mode] = state.detach()  # no gradient into the previous segment
         else:
+            if self.mem_len > 0 and not self._warned_no_streams:
+                logger.warning("--mem-len needs --task segment_lm (ordered streams): batches run without memory")
+                self._warned_no_streams = True
             x, _, aux = self.run(tokens, None, keep=0)
         return x, {"attn": [None], "aux_losses": aux}
 
-    def run(self, tokens: Tensor, state: Optional[DecoderState], keep: Optional[int]):
-        """Embed ``tokens`` (B x T), run every layer with its memory; return B x T x D features."""
+    def run(self, tokens: Tensor, state: Optional[DecoderState], keep: Optional[int], start: Optional[int] = None):
+        """Embed ``tokens`` (B x T), run every layer with its memory; return B x T x D features, the next
+        state and the auxiliary losses. ``start``: position of the first token (default: after ``state``)."""
         B, T = tokens.shape
-        start = 0 if state is None else state.position
+        if start is None:
+            start = 0 if state is None else state.position
         x = self.embed_scale * self.embed_tokens(tokens)  # B x T x D
         dtype = x.dtype  # the model's dtype (float32, or half/bf16 under --fp16/--bf16, float64 in tests)
         if self.positions is not None:

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor, nn
 
-from ..attention import Attention
+from ..attention.base import Attention
 from ..memory import TensorState
 
 

@@ -5,8 +5,8 @@
 - ``learned``: one learned vector per position (GPT-style), up to ``--max-target-positions``.
 - ``none``: no positional signal; causal attention still orders tokens implicitly.
 
-Positions that mechanisms encode inside attention (relative, rotary, alibi) are not here: they belong
-to the attention that uses them.
+- ``relative``: Transformer-XL's relative encodings, computed inside ``--attention relative``; nothing
+  is added at the input.
 """
 
 import math
@@ -62,6 +62,8 @@ class LearnedPositions(nn.Module):
 register_positions("sinusoidal")(lambda dim, max_positions: SinusoidalPositions(dim))
 register_positions("learned")(LearnedPositions)
 register_positions("none")(lambda dim, max_positions: None)
+# Encoded inside attention (the attention declares it in ``encodes_positions``): nothing at the input.
+register_positions("relative")(lambda dim, max_positions: None)
 
 
 def build_positions(name: str, embed_dim: int, max_positions: int) -> Optional[nn.Module]:

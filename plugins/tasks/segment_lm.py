@@ -158,11 +158,9 @@ class SegmentLMTask(LanguageModelingTask):
             dataset = dataset.with_streams(batch_size)
         return self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size).next_epoch_itr(shuffle=False)  # fmt: skip
 
-    def begin_epoch(self, epoch, model):
-        super().begin_epoch(epoch, model)
-        if hasattr(model, "reset_memory"):
-            model.reset_memory("train")
-
+    # No reset in begin_epoch: every batch carries its ``stream_offset`` and the decoder only uses a
+    # memory left by the segment ending there, so a new epoch (offset 0) starts afresh while a run
+    # resumed mid-epoch keeps the memory restored from its checkpoint.
     def begin_valid_epoch(self, epoch, model):
         super().begin_valid_epoch(epoch, model)
         if hasattr(model, "reset_memory"):

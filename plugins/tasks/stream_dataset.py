@@ -81,7 +81,7 @@ class SegmentStreamDataset(FairseqDataset):
             "id": torch.arange(B) + index * B,
             "nsentences": B,
             "ntokens": int(lengths.sum()),
-            "net_input": {"src_tokens": src[:, :width], "src_lengths": lengths},
+            "net_input": {"src_tokens": src[:, :width], "src_lengths": lengths, "stream_offset": index * T},
             "target": tgt[:, :width],
         }
 

@@ -1,0 +1,100 @@
+"""Transformer-XL relative positional attention (Dai et al. 2019, Sec. 3.3, Eq. in "Relative
+Positional Encodings").
+
+For query i (absolute position M + i, after M memory positions) and key j::
+
+    A_ij = (q_i + u)^T k_j  +  (q_i + v)^T W_R r_(M+i-j)
+           \\_ content (a)+(c) _/   \\_ position (b)+(d) __/
+
+where r_d is the sinusoidal encoding of the relative distance d (clamped to ``--clamp-len``), W_R a
+learned projection, and u, v learned global biases per head, shared by all layers as in the official
+code (``--untie-r`` gives every layer its own). Keys and values span ``[memory; segment]``; the
+memory is the layer inputs of the previous segments (``HiddenMemory``), recomputed with the current
+weights. ``--same-length`` (used at evaluation in the paper) lets every query see exactly ``mem_len``
+keys, so early and late positions of a segment are scored with the same context length.
+
+The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
+with a gather (the paper's "relative shift", written as an explicit index for clarity).
+"""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..memory import HiddenMemory
+from ..modules.positional import SinusoidalPositions
+from .base import Attention, AttentionConfig, causal_mask, register_attention
+
+
+@dataclass
+class RelativeAttentionConfig(AttentionConfig):
+    clamp_len: int = field(
+        default=0,
+        metadata={"help": "clamp relative distances to at most this (0: no clamp); Transformer-XL's --clamp_len, "
+                  "used at evaluation with a long memory (e.g. 1000 with mem 1600 on WikiText-103)"},
+    )  # fmt: skip
+    same_length: bool = field(
+        default=False, metadata={"help": "every query attends to exactly mem_len keys (Transformer-XL evaluation)"}
+    )
+    untie_r: bool = field(default=False, metadata={"help": "one pair of position biases u, v per layer"})
+
+
+def same_length_mask(num_queries: int, num_keys: int, window: int, device=None) -> Tensor:
+    """T x S mask: query t (at key position S - T + t) sees the ``window`` keys up to itself."""
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]  # T x 1
+    key_pos = torch.arange(num_keys, device=device)[None, :]  # 1 x S
+    return (key_pos <= query_pos) & (key_pos > query_pos - window)
+
+
+def relative_shift(scores: Tensor) -> Tensor:
+    """B x H x T x S scores whose column s is distance S-1-s -> column j is key j (distance S-T+t-j).
+
+    Entries for future keys (negative distance) are clamped to distance 0; they are masked anyway.
+    """
+    T, S = scores.shape[-2:]
+    t = torch.arange(T, device=scores.device)[:, None]
+    j = torch.arange(S, device=scores.device)[None, :]
+    index = (T - 1 - t + j).clamp(max=S - 1)  # T x S: column of distance (S - T + t - j)
+    return scores.gather(-1, index.expand(scores.shape))
+
+
+@register_attention("relative", RelativeAttentionConfig)
+class RelativeAttention(Attention):
+    encodes_positions = ("relative",)
+
+    def __init__(self, embed_dim, num_heads, dropout, cfg: RelativeAttentionConfig):
+        super().__init__(embed_dim, num_heads, dropout, cfg)
+        self.r_proj = nn.Linear(embed_dim, embed_dim, bias=False)  # W_R
+        self.u = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # content bias
+        self.v = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # position bias
+        self.sinusoid = SinusoidalPositions(embed_dim)
+
+    def share_with(self, first: "RelativeAttention") -> None:
+        if not self.cfg.untie_r:
+            self.u, self.v = first.u, first.v
+
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
+        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D
+        T, S = x.size(1), ctx.size(1)
+        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
+        k, v = (self.split_heads(t) for t in self.kv_proj(ctx).chunk(2, dim=-1))  # B x H x S x Dh
+
+        distance = torch.arange(S - 1, -1, -1, device=x.device)  # S: distance of column s from the last query
+        if self.cfg.clamp_len > 0:
+            distance = distance.clamp(max=self.cfg.clamp_len)
+        r = self.r_proj(self.sinusoid(distance).to(x.dtype))  # S x D
+        r = r.view(S, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
+        position = torch.einsum("bhtd,hsd->bhts", q + self.v[:, None], r)  # B x H x T x S (by distance)
+        position = relative_shift(position) * self.scale  # B x H x T x S (by key)
+
+        if self.cfg.same_length and keep:
+            allowed = same_length_mask(T, S, keep, x.device)
+        else:
+            allowed = causal_mask(T, S, x.device)
+        bias = position.masked_fill(~allowed, float("-inf"))
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q + self.u[:, None], k, v, attn_mask=bias, dropout_p=p)
+        return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep)
