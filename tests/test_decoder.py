@@ -27,7 +27,8 @@ from plugins.errors import UserError
 from plugins.memory import HiddenMemory
 from plugins.models.decoder import UNBOUNDED_POSITIONS
 from plugins.models.efficient_lm import EfficientLMConfig, full_tiny, validate_config
-from plugins.modules import DecoderLayer, FeedForward
+from plugins.modules.decoder_layer import DecoderLayer
+from plugins.modules.feedforward import FeedForward
 
 V = 24
 FP32 = dict(rtol=0, atol=1e-5)  # float32 logits of a 2-layer, 16-dim model: only summation order differs

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..memory import HiddenMemory, TensorState
+from ..modules.positional import alibi_bias, rotate
 
 
 class AuxLoss(NamedTuple):
@@ -68,7 +69,7 @@ def build_attention(name: str, embed_dim: int, num_heads: int, dropout: float, o
     cfg = entry.config(
         **{f.name: getattr(options, f.name) for f in dataclasses.fields(entry.config) if hasattr(options, f.name)}
     )
-    return entry.cls(embed_dim, num_heads, dropout, cfg)
+    return entry.cls(embed_dim, num_heads, dropout, cfg, pos_emb=getattr(options, "pos_emb", "none"))
 
 
 def causal_mask(num_queries: int, num_keys: int, device=None) -> Tensor:
@@ -89,8 +90,9 @@ class Attention(nn.Module):
     supports_incremental: ClassVar[bool] = True  # can decode one token at a time (generation)
     encodes_positions: ClassVar[Tuple[str, ...]] = ()  # --pos-emb values this attention implements itself
 
-    def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig):
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig, pos_emb: str = "none"):
         super().__init__()
+        self.pos_emb = pos_emb  # acted on only if in encodes_positions (checked by the model's validation)
         if embed_dim % num_heads != 0:
             raise UserError(f"--decoder-attention-heads {num_heads} must divide --decoder-embed-dim {embed_dim}")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
@@ -128,15 +130,28 @@ class Attention(nn.Module):
 class SoftmaxAttention(Attention):
     """Softmax attention over ``[memory; segment]`` with a ``HiddenMemory`` (Transformer-XL style:
     keys/values of the memory are recomputed from the cached layer inputs). Subclasses implement
-    ``attend``, the inner attention ``(q, k, v) -> out`` (fast-transformers' split)."""
+    ``attend``, the inner attention ``(q, k, v, bias) -> out`` (fast-transformers' split).
+
+    Rotary (``--pos-emb rotary``) and ALiBi (``--pos-emb alibi``) positions are applied here, at the
+    place of each key in the current window, so they remain correct with memory."""
+
+    encodes_positions = ("rotary", "alibi")
 
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
         ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D
+        T, S = x.size(1), ctx.size(1)
         q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
         k, v = (self.split_heads(t) for t in self.kv_proj(ctx).chunk(2, dim=-1))  # B x H x S x Dh
-        out = self.merge_heads(self.attend(q, k, v))  # B x T x D
+        bias = None
+        if self.pos_emb == "rotary":
+            key_pos = torch.arange(S, device=x.device)
+            q, k = rotate(q, key_pos[S - T :]), rotate(k, key_pos)
+        elif self.pos_emb == "alibi":
+            bias = alibi_bias(self.num_heads, T, S, x.device).to(q.dtype)  # H x T x S
+        out = self.merge_heads(self.attend(q, k, v, bias))  # B x T x D
         return self.out_proj(out), HiddenMemory.extend(mem, x, keep)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Causal attention of T queries over S >= T keys, the last T of which are the queries'."""
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        """Causal attention of T queries over S >= T keys, the last T of which are the queries'; ``bias``
+        (H x T x S, optional) is added to the scores."""
         raise NotImplementedError

@@ -6,6 +6,8 @@ Computed by ``torch.nn.functional.scaled_dot_product_attention``, so GPUs get th
 memory-efficient kernels (used when there is no memory: the mask is then ``is_causal``).
 """
 
+from typing import Optional
+
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -14,9 +16,12 @@ from .base import SoftmaxAttention, causal_mask, register_attention
 
 @register_attention("full")
 class FullAttention(SoftmaxAttention):
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         T, S = q.size(-2), k.size(-2)
         p = self.dropout if self.training else 0.0
+        if bias is not None:  # e.g. ALiBi: a float mask (no flash kernel, the memory-efficient one on GPU)
+            mask = bias.masked_fill(~causal_mask(T, S, q.device), float("-inf"))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         if T == S:  # no memory: the fused kernels' own causal mask
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         if T == 1:  # one new token sees all the past

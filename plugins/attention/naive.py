@@ -5,6 +5,8 @@
 Materializes the T x S score matrix; never use it for speed.
 """
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -13,8 +15,10 @@ from .base import SoftmaxAttention, causal_mask, register_attention
 
 @register_attention("naive")
 class NaiveAttention(SoftmaxAttention):
-    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         scores = torch.einsum("bhtd,bhsd->bhts", q, k) * self.scale  # B x H x T x S
+        if bias is not None:
+            scores = scores + bias
         mask = causal_mask(q.size(-2), k.size(-2), q.device)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         weights = torch.nn.functional.dropout(weights, self.dropout, self.training)

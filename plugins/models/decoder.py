@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from ..attention import AuxLoss, build_attention
 from ..memory import DecoderState
-from ..modules import DecoderLayer, FeedForward, build_positions
+from ..modules.decoder_layer import DecoderLayer
+from ..modules.feedforward import FeedForward
+from ..modules.positional import build_positions
 
 logger = logging.getLogger(__name__)
 UNBOUNDED_POSITIONS = 1 << 20  # only learned positions have a table to run out of

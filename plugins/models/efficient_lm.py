@@ -19,11 +19,15 @@ from omegaconf import II
 
 from ..attention import ATTENTION_REGISTRY, AuxLoss
 from ..errors import UserError
-from ..modules import POSITIONAL_REGISTRY
+from ..modules.positional import POSITIONAL_REGISTRY
 from .decoder import EfficientDecoder
 
 ABSOLUTE_POSITIONS = ("sinusoidal", "learned")
-ATTENTION_POSITIONS = ("relative",)  # computed inside an attention that declares it in encodes_positions
+ATTENTION_POSITIONS = (
+    "relative",
+    "rotary",
+    "alibi",
+)  # computed inside an attention that declares it in encodes_positions
 
 
 @dataclass
@@ -120,7 +124,7 @@ def validate_config(cfg) -> None:
     if cfg.pos_emb in ATTENTION_POSITIONS and cfg.pos_emb not in attention.encodes_positions:
         raise UserError(
             f"--pos-emb {cfg.pos_emb} is computed inside attention, and --attention {cfg.attention} does not: "
-            f"use --attention relative, or --pos-emb sinusoidal|learned|none"
+            "use --attention relative with --pos-emb relative, full/naive with rotary|alibi, or sinusoidal|learned|none"
         )
     if attention.encodes_positions and cfg.pos_emb not in attention.encodes_positions:
         raise UserError(

@@ -1,5 +1,2 @@
-from .decoder_layer import DecoderLayer
-from .feedforward import FeedForward
-from .positional import POSITIONAL_REGISTRY, build_positions
-
-__all__ = ["DecoderLayer", "FeedForward", "POSITIONAL_REGISTRY", "build_positions"]
+"""Building blocks shared by every mechanism (import the submodules directly: attention files use
+``positional`` while ``decoder_layer`` uses the attention base, so this package re-exports nothing)."""

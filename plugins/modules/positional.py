@@ -5,8 +5,8 @@
 - ``learned``: one learned vector per position (GPT-style), up to ``--max-target-positions``.
 - ``none``: no positional signal; causal attention still orders tokens implicitly.
 
-- ``relative``: Transformer-XL's relative encodings, computed inside ``--attention relative``; nothing
-  is added at the input.
+- ``relative``, ``rotary``, ``alibi``: encoded inside attention (Transformer-XL's relative attention;
+  rotary and ALiBi in the softmax attentions, see the end of this file); nothing is added at the input.
 """
 
 import math
@@ -63,10 +63,50 @@ register_positions("sinusoidal")(lambda dim, max_positions: SinusoidalPositions(
 register_positions("learned")(LearnedPositions)
 register_positions("none")(lambda dim, max_positions: None)
 # Encoded inside attention (the attention declares it in ``encodes_positions``): nothing at the input.
-register_positions("relative")(lambda dim, max_positions: None)
+for _name in ("relative", "rotary", "alibi"):
+    register_positions(_name)(lambda dim, max_positions: None)
 
 
 def build_positions(name: str, embed_dim: int, max_positions: int) -> Optional[nn.Module]:
     if name not in POSITIONAL_REGISTRY:
         raise UserError(f"unknown --pos-emb '{name}': choose one of {', '.join(sorted(POSITIONAL_REGISTRY))}")
     return POSITIONAL_REGISTRY[name](embed_dim, max_positions)
+
+
+# ---- positions encoded inside softmax attention (--pos-emb rotary | alibi) -------------------------
+# Both depend only on the distance between query and key, so they stay valid across segments and work
+# with memory: keys of the memory are re-encoded at their place in the current [memory; segment] window.
+
+
+def rotate(x: Tensor, positions: Tensor) -> Tensor:
+    """Rotary position embedding (Su et al. 2021, RoFormer, Eq. 34), "rotate-half" layout: dimension pairs
+    (i, i + Dh/2) are rotated by angle p * 10000^(-2i/Dh). x: B x H x L x Dh, positions: L."""
+    half = x.size(-1) // 2
+    inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=x.device) / half)
+    angles = positions.float()[:, None] * inv_freq[None, :]  # L x Dh/2
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., :half], x[..., half : 2 * half]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, x[..., 2 * half :]], dim=-1)
+
+
+def alibi_slopes(num_heads: int) -> Tensor:
+    """ALiBi head slopes (Press et al. 2022, Sec. 3): the geometric sequence 2^(-8/n), 2^(-16/n), ... for
+    n = num_heads a power of two; otherwise the nearest lower power of two's slopes plus every other
+    slope of the next one, as in the paper's reference code."""
+
+    def powers_of_two(n):
+        start = 2 ** (-8 / n)
+        return [start ** (i + 1) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(num_heads))
+    slopes = powers_of_two(closest)
+    if closest < num_heads:
+        slopes += powers_of_two(2 * closest)[0::2][: num_heads - closest]
+    return torch.tensor(slopes)
+
+
+def alibi_bias(num_heads: int, num_queries: int, num_keys: int, device=None) -> Tensor:
+    """H x T x S additive bias -slope_h * (distance query -> key); queries are the last T of the S keys."""
+    query_pos = torch.arange(num_keys - num_queries, num_keys, device=device)[:, None]
+    distance = (query_pos - torch.arange(num_keys, device=device)[None, :]).clamp(min=0)  # T x S
+    return -alibi_slopes(num_heads).to(device)[:, None, None] * distance
