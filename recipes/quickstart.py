@@ -61,7 +61,7 @@ def prepare_data(data_bin: Path) -> None:
     raw = ROOT / "data" / "ticket-log"
     subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", str(raw)], check=True, cwd=ROOT)
     splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", str(raw / f"{s}.txt"))]
-    cmd = [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--name", "ticket-log"]
+    cmd = [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast"]
     subprocess.run([*cmd, "--out", str(data_bin)], check=True, cwd=ROOT)
 
 

@@ -41,7 +41,7 @@ def data_bin(tmp_path_factory):
     subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
     splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
     subprocess.run(
-        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--name", "tiny", "--out", out],
+        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast", "--out", out],
         check=True,
         cwd=ROOT,
         capture_output=True,
