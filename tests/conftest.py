@@ -25,6 +25,10 @@ from plugins.models.efficient_lm import EfficientLM, EfficientLMConfig  # noqa: 
 assert Path(plugins.__file__).resolve().parent == (REPO / "plugins").resolve(), "plugins was imported from another path"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cli: runs the real fairseq command-line tools in subprocesses (slow)")
+
+
 def make_dictionary(num_symbols: int = 20) -> Dictionary:
     """4 specials (<s>=0, <pad>=1, </s>=2, <unk>=3) and ``num_symbols`` words w0, w1, ..."""
     d = Dictionary()

@@ -3,8 +3,10 @@
 Equivalences proved here: cached (incremental) decoding == one full forward, for every registered
 attention and every option that touches the forward; beam reorder then step == step on the reordered
 batch; fairseq's own SequenceGenerator scores == a full forward's; stream memory (segment 1 then
-segment 2) == one pass over both segments. Plus ``validate_config``'s user errors, layer sharing, the
-bf16 autocast, and ``aux_cross_entropy``'s loss, auxiliary terms and metrics.
+segment 2, consecutive ``stream_offset``) == one pass over both segments, and the memory is used only
+where it continues (``stream_offset`` given and equal to where it ended, same batch size). Plus
+``validate_config``'s user errors, layer sharing, the bf16 autocast, and ``aux_cross_entropy``'s loss,
+auxiliary terms and metrics.
 
 Shapes: B = batch (streams), T = tokens, V = vocabulary (24 = 4 specials + 20 words).
 """
@@ -56,6 +58,18 @@ DECODER_VARIANTS = {
 }
 
 
+def pos_emb_for(attention: str, preferred: str) -> str:
+    """``preferred`` if ``attention`` accepts it, else the positions the attention encodes itself (e.g.
+    ``relative`` for Transformer-XL attention, which rejects sinusoidal / none)."""
+    cfg = EfficientLMConfig()
+    cfg.attention, cfg.pos_emb = attention, preferred
+    try:
+        validate_config(cfg)
+        return preferred
+    except UserError:
+        return ATTENTION_REGISTRY[attention].cls.encodes_positions[0]
+
+
 def tokens(B: int, T: int) -> torch.Tensor:
     return torch.randint(4, V, (B, T))  # no special symbols
 
@@ -73,7 +87,8 @@ def decode_incrementally(model, toks: torch.Tensor, incremental_state=None, star
 
 # ---- incremental decoding -----------------------------------------------------------------------------
 # every variant with the default attention, and every attention that decodes step by step with the
-# default variant (the attention itself is checked step by step in test_attention.py)
+# default variant (the attention itself is checked step by step in test_attention.py); an attention
+# that encodes positions itself gets its own --pos-emb instead of the variant's
 INCREMENTAL_CASES = [("full", v) for v in sorted(DECODER_VARIANTS)] + [
     (a, "sinusoidal-postnorm") for a in INCREMENTAL_ATTENTIONS if a != "full"
 ]
@@ -81,7 +96,9 @@ INCREMENTAL_CASES = [("full", v) for v in sorted(DECODER_VARIANTS)] + [
 
 @pytest.mark.parametrize("attention, variant", INCREMENTAL_CASES)
 def test_incremental_equals_full_forward(lm, attention, variant):
-    model = lm(attention=attention, **DECODER_VARIANTS[variant]).eval()
+    options = dict(DECODER_VARIANTS[variant])
+    options["pos_emb"] = pos_emb_for(attention, options.get("pos_emb", "sinusoidal"))
+    model = lm(attention=attention, **options).eval()
     toks = tokens(3, 12)
     with torch.no_grad():
         full = log_probs(model, toks)
@@ -157,19 +174,21 @@ def test_sequence_generator_scores_equal_full_forward(lm, dictionary, variant):
 
 
 # ---- stream memory (segment_lm training and evaluation) ----------------------------------------------
+# segment_lm batches carry ``stream_offset`` (segment index x tokens_per_sample); the decoder uses its
+# stored memory only when the memory ended exactly at that offset, for the same number of streams.
 @pytest.mark.parametrize("attention", MEMORY_ATTENTIONS)
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_stream_memory_equals_one_long_pass(lm, attention, mode):
     """Segment 1 then segment 2 == one pass over both, when mem_len >= len(segment 1) (dropout 0)."""
-    model = lm(attention=attention, pos_emb="none", mem_len=6).train(mode == "train")
+    model = lm(attention=attention, pos_emb=pos_emb_for(attention, "none"), mem_len=6).train(mode == "train")
     seg1, seg2 = tokens(3, 5), tokens(3, 4)
     with torch.no_grad():
         full, _ = model(torch.cat([seg1, seg2], dim=1))
         model.reset_memory()
-        out1, _ = model(seg1)
-        out2, _ = model(seg2)
+        out1, _ = model(seg1, stream_offset=0)
+        out2, _ = model(seg2, stream_offset=5)
         model.reset_memory()
-        alone, _ = model(seg2)
+        alone, _ = model(seg2, stream_offset=5)
     torch.testing.assert_close(out1, full[:, :5], **FP32)
     torch.testing.assert_close(out2, full[:, 5:], **FP32)
     assert not torch.allclose(out2, alone, atol=1e-3)  # segment 2 really used the memory
@@ -180,8 +199,10 @@ def test_stream_memory_keeps_mem_len_positions(lm):
     model = lm(pos_emb="none", mem_len=2, decoder_layers=1).eval()
     seg1, seg2 = tokens(2, 5), tokens(2, 3)
     with torch.no_grad():
-        model(seg1)
-        out2, _ = model(seg2)
+        model(seg1, stream_offset=0)
+        out2, _ = model(seg2, stream_offset=5)
+        memory = model.decoder.stream_memory["eval"]
+        assert memory.position == 8 and all(m.length == 2 for m in memory.layers)
         model.reset_memory()
         ref, _ = model(torch.cat([seg1[:, -2:], seg2], dim=1))
     torch.testing.assert_close(out2, ref[:, 2:], **FP32)
@@ -193,17 +214,17 @@ def test_stream_memory_is_kept_per_mode(lm):
     with torch.no_grad():
         full, _ = model.eval()(torch.cat([seg1, seg2], dim=1))
         model.reset_memory()
-        model.eval()(seg1)
-        model.train()(other)  # a training step in between (dropout 0) must not touch eval memory
+        model.eval()(seg1, stream_offset=0)
+        model.train()(other, stream_offset=0)  # a training step in between (dropout 0) must not touch eval memory
         assert set(model.decoder.stream_memory) == {"train", "eval"}
-        out2, _ = model.eval()(seg2)
+        out2, _ = model.eval()(seg2, stream_offset=5)
     torch.testing.assert_close(out2, full[:, 5:], **FP32)
 
 
 def test_stream_memory_is_detached(lm):
     model = lm(pos_emb="none", mem_len=4).train()
-    model(tokens(2, 5))[0].sum().backward()
-    out, _ = model(tokens(2, 5))
+    model(tokens(2, 5), stream_offset=0)[0].sum().backward()
+    out, _ = model(tokens(2, 5), stream_offset=5)
     out.sum().backward()  # would fail ("backward through the graph a second time") if not detached
     assert all(not m.hidden.requires_grad for m in model.decoder.stream_memory["train"].layers)
 
@@ -212,13 +233,13 @@ def test_reset_memory(lm):
     model = lm(pos_emb="none", mem_len=8).eval()
     seg1, seg2 = tokens(3, 5), tokens(3, 4)
     with torch.no_grad():
-        alone, _ = model(seg2)
+        alone, _ = model(seg2, stream_offset=5)  # nothing stored ends at 5: no memory
         model.reset_memory()
-        model.train()(seg1)
-        model.eval()(seg1)
+        model.train()(seg1, stream_offset=0)
+        model.eval()(seg1, stream_offset=0)
         model.reset_memory("eval")
         assert set(model.decoder.stream_memory) == {"train"}
-        torch.testing.assert_close(model(seg2)[0], alone, **FP32)
+        torch.testing.assert_close(model(seg2, stream_offset=5)[0], alone, **FP32)
         model.reset_memory()
         assert model.decoder.stream_memory == {}
 
@@ -227,11 +248,40 @@ def test_a_new_batch_size_drops_the_memory(lm):
     model = lm(pos_emb="none", mem_len=8).eval()
     seg1, seg2 = tokens(3, 5), tokens(2, 4)
     with torch.no_grad():
-        alone, _ = model(seg2)
+        alone, _ = model(seg2, stream_offset=5)
         model.reset_memory()
-        model(seg1)
-        torch.testing.assert_close(model(seg2)[0], alone, **FP32)
+        model(seg1, stream_offset=0)
+        torch.testing.assert_close(model(seg2, stream_offset=5)[0], alone, **FP32)
         assert model.decoder.stream_memory["eval"].batch_size == 2
+
+
+def test_memory_is_used_only_where_it_ended(lm):
+    """A memory ending at 5 continues the batch at offset 5 only: another offset (a skipped segment,
+    or 0: a new epoch or pass) starts afresh, and the new memory ends where that batch ends."""
+    model = lm(pos_emb="none", mem_len=8).eval()
+    seg1, seg2 = tokens(3, 5), tokens(3, 4)
+    with torch.no_grad():
+        fresh, _ = model(seg2, stream_offset=0)
+        continued, _ = model(seg2, stream_offset=0)  # the memory ends at 4: offset 0 does not use it
+        torch.testing.assert_close(continued, fresh, rtol=0, atol=0)
+        model(seg1, stream_offset=0)
+        skipped, _ = model(seg2, stream_offset=6)
+        torch.testing.assert_close(skipped, fresh, rtol=0, atol=0)
+        assert model.decoder.stream_memory["eval"].position == 10
+        model(seg1, stream_offset=0)
+        assert not torch.allclose(model(seg2, stream_offset=5)[0], fresh, atol=1e-3)
+
+
+def test_without_stream_offset_batches_run_without_memory(lm, caplog):
+    """A model with --mem-len outside segment_lm (no ``stream_offset``): every batch alone, one warning."""
+    model = lm(pos_emb="none", mem_len=8).eval()
+    seg1, seg2 = tokens(3, 5), tokens(3, 4)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        alone, _ = model(seg2)
+        model(seg1)
+        torch.testing.assert_close(model(seg2)[0], alone, rtol=0, atol=0)
+    assert model.decoder.stream_memory == {}
+    assert sum("--mem-len needs --task segment_lm" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_no_memory_without_mem_len(lm):
@@ -414,11 +464,12 @@ def test_autocast_bf16_on_cpu(lm):
 
 def test_autocast_bf16_with_stream_memory_and_backward(lm):
     model = lm(pos_emb="none", mem_len=4, autocast_bf16=True).train()
-    for _ in range(2):
-        out, _ = model(tokens(2, 5))
+    for i in range(2):
+        out, _ = model(tokens(2, 5), stream_offset=5 * i)
         assert out.dtype == torch.float32
         out.float().logsumexp(-1).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert model.decoder.stream_memory["train"].position == 10  # the second step continued the first
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=str)

@@ -261,10 +261,12 @@ def test_validation_uses_its_own_batch_size(data_dir):
 
 def test_streams_from_max_tokens_or_an_error(data_dir):
     assert setup_task(data_dir, batch_size=None, max_tokens=32).streams_per_rank("train") == 4
-    with pytest.raises(UserError, match="number of streams"):  # less than one segment
+    with pytest.raises(UserError, match="less than one segment"):
         setup_task(data_dir, batch_size=None, max_tokens=4).streams_per_rank("train")
     with pytest.raises(UserError, match="number of streams"):
-        setup_task(data_dir, batch_size=None, batch_size_valid=None).streams_per_rank("valid")
+        setup_task(data_dir, batch_size=None, batch_size_valid=None).streams_per_rank("train")
+    # an evaluation split given no size (fairseq-eval-lm without --batch-size) is one stream
+    assert setup_task(data_dir, batch_size=None, batch_size_valid=None).streams_per_rank("valid") == 1
 
 
 def test_token_unit(data_dir, tmp_path):
@@ -354,6 +356,9 @@ def test_eval_lm_dataloader(data_dir):
 
 
 def test_epoch_hooks_reset_the_memory_of_their_mode(data_dir):
+    """Validation always starts afresh; a training epoch does not reset (its first batch, at offset 0,
+    starts afresh by itself, and a run resumed mid-epoch must keep the memory of its checkpoint)."""
+
     class Recorder:
         def __init__(self):
             self.calls = []
@@ -364,7 +369,21 @@ def test_epoch_hooks_reset_the_memory_of_their_mode(data_dir):
     task, model = setup_task(data_dir), Recorder()
     task.begin_epoch(1, model)
     task.begin_valid_epoch(1, model)
-    assert model.calls == ["train", "eval"]
+    assert model.calls == ["eval"]
+
+
+def test_epoch_hooks_on_a_model_with_memory(data_dir, lm):
+    task = setup_task(data_dir)
+    model = lm(task.dictionary, pos_emb="none", mem_len=8)
+    seg = torch.randint(4, len(task.dictionary), (2, 8))
+    with torch.no_grad():
+        model.train()(seg, stream_offset=0)
+        model.eval()(seg, stream_offset=0)
+    train_memory = model.decoder.stream_memory["train"]
+    task.begin_epoch(2, model)
+    assert model.decoder.stream_memory["train"] is train_memory
+    task.begin_valid_epoch(2, model)
+    assert set(model.decoder.stream_memory) == {"train"}
 
 
 def test_a_model_with_memory_scores_the_task_batches(data_dir, lm):

@@ -89,6 +89,7 @@ class Attention(nn.Module):
     supports_memory: ClassVar[bool] = True  # can attend over a memory of past segments (--mem-len)
     supports_incremental: ClassVar[bool] = True  # can decode one token at a time (generation)
     encodes_positions: ClassVar[Tuple[str, ...]] = ()  # --pos-emb values this attention implements itself
+    requires_own_positions: ClassVar[bool] = False  # True: only its encodes_positions are valid (e.g. XL)
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig, pos_emb: str = "none"):
         super().__init__()

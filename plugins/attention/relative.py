@@ -64,9 +64,10 @@ def relative_shift(scores: Tensor) -> Tensor:
 @register_attention("relative", RelativeAttentionConfig)
 class RelativeAttention(Attention):
     encodes_positions = ("relative",)
+    requires_own_positions = True
 
-    def __init__(self, embed_dim, num_heads, dropout, cfg: RelativeAttentionConfig):
-        super().__init__(embed_dim, num_heads, dropout, cfg)
+    def __init__(self, embed_dim, num_heads, dropout, cfg: RelativeAttentionConfig, pos_emb: str = "relative"):
+        super().__init__(embed_dim, num_heads, dropout, cfg, pos_emb)
         self.r_proj = nn.Linear(embed_dim, embed_dim, bias=False)  # W_R
         self.u = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # content bias
         self.v = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # position bias

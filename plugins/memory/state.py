@@ -49,6 +49,17 @@ class TensorState:
     def index_select(self, order: Tensor):
         return self._map(lambda t: t.index_select(0, order))
 
+    def to(self, device):
+        return self._map(lambda t: t.to(device))
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                return v.device
+        return None
+
     @property
     def batch_size(self) -> int:
         for f in dataclasses.fields(self):
@@ -104,6 +115,13 @@ class DecoderState(TensorState):
 
     def index_select(self, order: Tensor):
         return DecoderState([None if s is None else s.index_select(order) for s in self.layers], self.position)
+
+    def to(self, device):
+        return DecoderState([None if s is None else s.to(device) for s in self.layers], self.position)
+
+    @property
+    def device(self) -> Optional[torch.device]:
+        return next((s.device for s in self.layers if s is not None), None)
 
     @property
     def batch_size(self) -> Optional[int]:

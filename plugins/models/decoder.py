@@ -7,7 +7,8 @@ class is where state is *kept* between calls, in exactly two places:
   reordered by ``reorder_incremental_state`` for beam search;
 - ``stream_memory`` (``segment_lm`` training/validation with ``--mem-len``): the detached
   ``DecoderState`` of the previous segment of every stream, one per mode (train / eval) so validation
-  never leaks into training. The task resets it at every epoch and validation start.
+  never leaks into training. It is used only if it ended where the new segment starts (see
+  ``extract_features``), saved in checkpoints (``get_extra_state``) and reset at validation start.
 
 Shape legend: B = batch (streams), T = segment length, D = model dim, V = vocabulary.
 """
@@ -114,6 +115,11 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         state = self.stream_memory.get("train")
         return {"train_memory": None if state is None else state.to_dict(), "rank": _data_parallel()}
 
+    def upgrade_state_dict_named(self, state_dict, name):
+        """Checkpoints saved before the memory was part of the state dict load with no memory."""
+        state_dict.setdefault(f"{name}._extra_state" if name else "_extra_state", {"train_memory": None})
+        return super().upgrade_state_dict_named(state_dict, name)
+
     def set_extra_state(self, extra: dict) -> None:
         self.stream_memory.clear()
         if extra and extra.get("train_memory") is not None:
@@ -158,6 +164,8 @@ class EfficientDecoder(FairseqIncrementalDecoder):
             state = self.stream_memory.get(mode)
             if state is not None and (state.position != stream_offset or state.batch_size != tokens.size(0)):
                 state = None
+            if state is not None and state.device != tokens.device:  # restored from a CPU-loaded checkpoint
+                state = state.to(tokens.device)
             x, state, aux = self.run(tokens, state, keep=self.mem_len, start=stream_offset)
             self.stream_memory[mode] = state.detach()  # no gradient into the previous segment
         else:

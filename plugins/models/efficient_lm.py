@@ -126,7 +126,7 @@ def validate_config(cfg) -> None:
             f"--pos-emb {cfg.pos_emb} is computed inside attention, and --attention {cfg.attention} does not: "
             "use --attention relative with --pos-emb relative, full/naive with rotary|alibi, or sinusoidal|learned|none"
         )
-    if attention.encodes_positions and cfg.pos_emb not in attention.encodes_positions:
+    if attention.requires_own_positions and cfg.pos_emb not in attention.encodes_positions:
         raise UserError(
             f"--attention {cfg.attention} encodes positions itself: use --pos-emb {attention.encodes_positions[0]}"
         )

@@ -5,7 +5,8 @@ Differences from fairseq's ``language_modeling`` (which it extends, so sampling 
 
 - training, validation and ``fairseq-eval-lm`` read the split as contiguous streams
   (``SegmentStreamDataset``): batch i+1 continues batch i, every token is scored exactly once;
-- the model's stream memory is reset at the start of every epoch and every validation pass;
+- every batch carries its offset in the streams (``stream_offset``): the model's memory starts empty at
+  offset 0 (every epoch, every validation pass) and survives a mid-epoch resume from a checkpoint;
 - ``--context-window`` is rejected: memory, not overlapping windows, gives a model its long context;
 - the data's unit (byte / char / word / subword) is known, so the criterion labels bpb / bpc / ppl.
 """
@@ -86,16 +87,21 @@ class SegmentLMTask(LanguageModelingTask):
         logger.info(f"token unit: {self.token_unit}")
 
     def streams_per_rank(self, split: str) -> int:
-        """Streams (rows of every batch) per worker: --batch-size, or --max-tokens / --tokens-per-sample."""
+        """Streams (rows of every batch) per worker: --batch-size, or --max-tokens / --tokens-per-sample;
+        one stream (the longest context) for an evaluation split given neither (e.g. fairseq-eval-lm)."""
         train = split == self.args.train_subset
         bsz = self.args.batch_size if train else (self.args.batch_size_valid or self.args.batch_size)
         max_tokens = self.args.max_tokens if train else (self.args.max_tokens_valid or self.args.max_tokens)
         if bsz is None and max_tokens is not None:
             bsz = max_tokens // self.args.tokens_per_sample
-        if not bsz or bsz <= 0:
-            raise UserError(
-                "segment_lm needs the number of streams: give --batch-size (or --max-tokens >= --tokens-per-sample)"
-            )
+            if bsz <= 0:
+                raise UserError(f"--max-tokens {max_tokens} is less than one segment (--tokens-per-sample)")
+        if bsz is None:
+            if train:
+                raise UserError("segment_lm needs the number of streams: give --batch-size")
+            return 1
+        if bsz <= 0:
+            raise UserError(f"--batch-size must be positive, got {bsz}")
         return bsz
 
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
