@@ -147,3 +147,17 @@ def test_context_window_is_rejected_by_eval_lm(data_bin, tmp_path):
     )  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "--context-window does not apply" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_transformer_xl_recipe_trains_and_evaluates(data_bin, tmp_path):
+    """recipes/transformer_xl/run.sh: the paper-setting launcher, on a tiny byte corpus for 3 updates."""
+    env = {**ENV, "DATA": str(data_bin), "SAVE": str(tmp_path), "FAIRSEQ_TRAIN": str(BIN / "fairseq-train"),
+           "FAIRSEQ_EVAL_LM": str(BIN / "fairseq-eval-lm")}  # fmt: skip
+    recipe = str(ROOT / "recipes" / "transformer_xl" / "run.sh")
+    small = ["--max-update", "3", "--batch-size", "2", "--tokens-per-sample", "32"]
+    train = subprocess.run(["bash", recipe, "ptb_chars_cpu", "train", *small, "--num-workers", "0"],
+                           capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert train.returncode == 0, train.stderr[-2000:]
+    evaluated = subprocess.run(["bash", recipe, "ptb_chars_cpu", "eval", "--cpu", "--gen-subset", "valid"],
+                               capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
+    assert evaluated.returncode == 0 and "Loss (base 2)" in evaluated.stdout + evaluated.stderr
