@@ -344,3 +344,52 @@ def test_decoder_state_maps_over_layers():
     detached = state.detach()
     assert detached.position == 7 and not detached.layers[0].hidden.requires_grad
     assert DecoderState([None, None]).batch_size is None
+
+
+# ---- positions encoded inside attention, and the no-gradient K/V cache ------------------------------
+POSITIONAL = [(n, p) for n in NAMES for p in ATTENTION_REGISTRY[n].cls.encodes_positions]
+
+
+def make_with_positions(name: str, pos_emb: str, seed: int = 0) -> Attention:
+    torch.manual_seed(seed)
+    options = SimpleNamespace(pos_emb=pos_emb)
+    return build_attention(name, D, H, dropout=0.0, options=options).to(torch.float64).eval()
+
+
+@pytest.mark.parametrize("name,pos_emb", POSITIONAL)
+def test_inner_positions_are_valid_across_segments(name, pos_emb):
+    """Rotary/ALiBi/relative depend only on distances: segments with memory == one long pass."""
+    attn = make_with_positions(name, pos_emb)
+    require_memory(attn)
+    x = inputs(9)
+    whole, _ = attn(x, None, keep=None)
+    parts, _ = run_segments(attn, [x[:, :4], x[:, 4:7], x[:, 7:]], keep=None)
+    torch.testing.assert_close(parts, whole, **EXACT64)
+
+
+@pytest.mark.parametrize("name,pos_emb", POSITIONAL)
+def test_inner_positions_change_the_output(name, pos_emb):
+    """The encoding is really applied: a position-free twin with the same weights differs."""
+    attn = make_with_positions(name, pos_emb)
+    if attn.requires_own_positions:
+        pytest.skip("positions are part of the mechanism (no position-free twin)")
+    plain = make_with_positions(name, "none")
+    plain.load_state_dict(attn.state_dict())
+    x = inputs(6)
+    assert not torch.allclose(attn(x, None, keep=0)[0], plain(x, None, keep=0)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_grad_memory_caches_keys_and_values_exactly(name):
+    """Without gradients the memory keeps K/V and reuses them; the result equals recomputing them from the
+    cached hidden states (the training path), segment after segment."""
+    attn = make(name)
+    require_memory(attn)
+    x = inputs(10)
+    with torch.no_grad():
+        cached, mem = run_segments(attn, [x[:, :4], x[:, 4:7], x[:, 7:]], keep=5)
+    recomputed, mem_grad = run_segments(attn, [x[:, :4], x[:, 4:7], x[:, 7:]], keep=5)
+    if isinstance(mem, HiddenMemory):
+        assert mem.keys is not None and mem.keys.size(2) == 5  # the cache is there and trimmed
+        assert mem_grad.keys is None  # never cached when gradients flow (Transformer-XL recomputes)
+    torch.testing.assert_close(cached, recomputed.detach(), **EXACT64)

@@ -120,6 +120,18 @@ class Attention(nn.Module):
     ) -> Tuple[Tensor, Optional[TensorState]]:
         raise NotImplementedError
 
+    def keys_values(self, x: Tensor, mem: Optional[HiddenMemory]) -> Tuple[Tensor, Tensor]:
+        """K, V (B x H x S x Dh) over ``[memory; x]``; the memory's cached K, V are reused when there is no
+        gradient (the weights are fixed), else recomputed from its hidden states (Transformer-XL)."""
+        k, v = (self.split_heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))  # B x H x T x Dh
+        if mem is None:
+            return k, v
+        if mem.keys is not None and not torch.is_grad_enabled():
+            k_mem, v_mem = mem.keys, mem.values
+        else:
+            k_mem, v_mem = (self.split_heads(t) for t in self.kv_proj(mem.hidden).chunk(2, dim=-1))
+        return torch.cat([k_mem, k], dim=2), torch.cat([v_mem, v], dim=2)  # B x H x S x Dh
+
     def share_with(self, first: Attention) -> None:
         """Tie parameters shared across layers: called on layers 1..N-1 with layer 0's attention."""
 
@@ -139,18 +151,18 @@ class SoftmaxAttention(Attention):
     encodes_positions = ("rotary", "alibi")
 
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D
-        T, S = x.size(1), ctx.size(1)
         q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = (self.split_heads(t) for t in self.kv_proj(ctx).chunk(2, dim=-1))  # B x H x S x Dh
+        k, v = self.keys_values(x, mem)  # B x H x S x Dh (unrotated: cached as such)
+        T, S = q.size(2), k.size(2)
+        new_mem = HiddenMemory.extend(mem, x, keep, k, v)
         bias = None
-        if self.pos_emb == "rotary":
+        if self.pos_emb == "rotary":  # rotated at their place in the current window
             key_pos = torch.arange(S, device=x.device)
             q, k = rotate(q, key_pos[S - T :]), rotate(k, key_pos)
         elif self.pos_emb == "alibi":
             bias = alibi_bias(self.num_heads, T, S, x.device).to(q.dtype)  # H x T x S
         out = self.merge_heads(self.attend(q, k, v, bias))  # B x T x D
-        return self.out_proj(out), HiddenMemory.extend(mem, x, keep)
+        return self.out_proj(out), new_mem
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         """Causal attention of T queries over S >= T keys, the last T of which are the queries'; ``bias``

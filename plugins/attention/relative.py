@@ -78,10 +78,9 @@ class RelativeAttention(Attention):
             self.u, self.v = first.u, first.v
 
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D
-        T, S = x.size(1), ctx.size(1)
         q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = (self.split_heads(t) for t in self.kv_proj(ctx).chunk(2, dim=-1))  # B x H x S x Dh
+        k, v = self.keys_values(x, mem)  # B x H x S x Dh
+        T, S = q.size(2), k.size(2)
 
         distance = torch.arange(S - 1, -1, -1, device=x.device)  # S: distance of column s from the last query
         if self.cfg.clamp_len > 0:
@@ -98,4 +97,4 @@ class RelativeAttention(Attention):
         bias = position.masked_fill(~allowed, float("-inf"))
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q + self.u[:, None], k, v, attn_mask=bias, dropout_p=p)
-        return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep)
+        return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)

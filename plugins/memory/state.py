@@ -73,26 +73,41 @@ class TensorState:
 class HiddenMemory(TensorState):
     """The inputs an attention layer received for the last M positions (Transformer-XL's memory).
 
-    Keys and values are recomputed from them with the current weights, as in Dai et al. 2019, Sec. 3.2
-    (the memory is detached, but W_k and W_v still get gradient from the memory positions).
+    In training, keys and values are recomputed from them with the current weights, as in Dai et al.
+    2019, Sec. 3.2 (the memory is detached, but W_k and W_v still get gradient from the memory
+    positions). Without gradients (validation, evaluation, generation) the weights are fixed, so the
+    keys and values computed for the memory positions are cached as well and reused: exactly the same
+    result without projecting the memory again at every segment or generated token.
     """
 
     hidden: Tensor  # B x M x D
+    keys: Optional[Tensor] = None  # B x H x M x Dh, only when built without gradients
+    values: Optional[Tensor] = None  # B x H x M x Dh
 
     @property
     def length(self) -> int:
         return self.hidden.size(1)
 
     @staticmethod
-    def extend(mem: Optional[HiddenMemory], x: Tensor, keep: Optional[int]) -> Optional[HiddenMemory]:
+    def extend(
+        mem: Optional[HiddenMemory],
+        x: Tensor,
+        keep: Optional[int],
+        keys: Optional[Tensor] = None,
+        values: Optional[Tensor] = None,
+    ) -> Optional[HiddenMemory]:
         """Append this segment's inputs ``x`` (B x T x D) and keep the last ``keep`` positions
-        (``None``: keep all, as incremental decoding of a full-context model does; 0: no memory)."""
+        (``None``: keep all, as incremental decoding of a full-context model does; 0: no memory).
+        ``keys``/``values`` (B x H x S x Dh, over memory and segment) are kept only without gradients."""
         if keep == 0:
             return None
         ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x (M+T) x D
+        cache = keys is not None and not torch.is_grad_enabled()
         if keep is not None:
             ctx = ctx[:, -keep:]
-        return HiddenMemory(ctx)
+            if cache:
+                keys, values = keys[:, :, -keep:], values[:, :, -keep:]
+        return HiddenMemory(ctx, keys if cache else None, values if cache else None)
 
 
 @dataclass
