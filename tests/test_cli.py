@@ -161,3 +161,20 @@ def test_transformer_xl_recipe_trains_and_evaluates(data_bin, tmp_path):
     evaluated = subprocess.run(["bash", recipe, "ptb_chars_cpu", "eval", "--cpu", "--gen-subset", "valid"],
                                capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)  # fmt: skip
     assert evaluated.returncode == 0 and "Loss (base 2)" in evaluated.stdout + evaluated.stderr
+
+
+def test_a_checkpoint_evaluated_on_another_dictionary_is_refused(data_bin, tmp_path):
+    fairseq("fairseq-train", data_bin, *TRAIN, "--max-update", "2", "--save-dir", tmp_path / "ckpt")
+    other = tmp_path / "words"
+    (other / "raw").mkdir(parents=True)
+    (other / "raw" / "t.txt").write_text("".join(f"w{i % 7} w{i % 11} w{i % 5}\n" for i in range(2000)))
+    subprocess.run(
+        [sys.executable, "-m", "preprocess.text", "--train", other / "raw" / "t.txt", "--level", "word",
+         "--out", other / "bin"], check=True, cwd=ROOT, capture_output=True,
+    )  # fmt: skip
+    proc = fairseq(
+        "fairseq-eval-lm", other / "bin", "--user-dir", PLUGINS, "--task", "segment_lm", "--path",
+        tmp_path / "ckpt" / "checkpoint_last.pt", "--tokens-per-sample", "32", "--cpu", check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "trained with a dictionary of" in proc.stderr.strip().splitlines()[-1]

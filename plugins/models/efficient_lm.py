@@ -157,6 +157,18 @@ class EfficientLM(FairseqLanguageModel):
         validate_config(cfg)
         return cls(EfficientDecoder(cfg, task.target_dictionary))
 
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """Refuse, with a clear message, a checkpoint trained on another dictionary (its vocabulary
+        would silently mean other words, or fail with a tensor size mismatch)."""
+        vocab = len(self.decoder.dictionary)
+        for key in ("decoder.embed_tokens.weight", "decoder.output_projection.weight"):
+            if key in state_dict and state_dict[key].size(0) != vocab:
+                raise UserError(
+                    f"the checkpoint was trained with a dictionary of {state_dict[key].size(0)} entries, but the "
+                    f"data's dict.txt has {vocab}: evaluate on the data-bin it was trained on"
+                )
+        return super().load_state_dict(state_dict, strict=strict, model_cfg=model_cfg, args=args)
+
     def aux_losses(self, net_output) -> Dict[str, AuxLoss]:
         """Auxiliary losses of the forward pass that produced ``net_output``: name -> (value, weight)."""
         return net_output[1].get("aux_losses", {})
