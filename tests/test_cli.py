@@ -178,3 +178,17 @@ def test_a_checkpoint_evaluated_on_another_dictionary_is_refused(data_bin, tmp_p
     )  # fmt: skip
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "trained with a dictionary of" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_quickstart_runner_end_to_end(tmp_path):
+    """recipes/quickstart.py with 4 updates per model: corpus, binarization, two trainings, two
+    evaluations, the results table and the loss-curve PNG (the README's first command, shortened)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "recipes.quickstart", "--max-update", "4", "--out", tmp_path / "runs",
+         "--data", tmp_path / "data-bin"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
+    table = (tmp_path / "runs" / "results.md").read_text()
+    assert "| full-64 |" in table and "| full-64+mem256 |" in table and "?" not in table
+    assert (tmp_path / "runs" / "loss_curves.png").stat().st_size > 10_000
+    assert (tmp_path / "data-bin" / "metadata.json").exists()
