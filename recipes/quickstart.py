@@ -56,11 +56,12 @@ def run(cmd, log: Path) -> None:
             sys.exit(f"error: {cmd[0]} failed (exit {proc.returncode}); see {log}")
 
 
-def prepare_data(data_bin: Path) -> None:
+def prepare_data(data_bin: Path, scale: float) -> None:
     if (data_bin / "metadata.json").exists():
         return
     with tempfile.TemporaryDirectory() as raw:  # the text is regenerated identically whenever needed
-        subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw], check=True, cwd=ROOT)
+        corpus = [sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", str(scale)]
+        subprocess.run(corpus, check=True, cwd=ROOT)
         splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", f"{raw}/{s}.txt")]
         cmd = [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast"]
         subprocess.run([*cmd, "--name", "ticket-log", "--out", str(data_bin)], check=True, cwd=ROOT)
@@ -71,10 +72,11 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=str(ROOT / "runs" / "quickstart"), help="run directory")
     parser.add_argument("--data", default=str(ROOT / "data-bin" / "ticket-log"), help="binarized corpus")
     parser.add_argument("--max-update", type=int, default=800, help="updates per model")
+    parser.add_argument("--corpus-scale", type=float, default=1.0, help="corpus size factor (tests use 0.05)")
     args = parser.parse_args(argv)
     out, data_bin = Path(args.out), Path(args.data)
     out.mkdir(parents=True, exist_ok=True)
-    prepare_data(data_bin)
+    prepare_data(data_bin, args.corpus_scale)
 
     logs = []
     for name, extra in MODELS.items():
