@@ -1,0 +1,1 @@
+"""Benchmarks of the plugins against reference implementations (run each with ``python -m``)."""
