@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from recipes import results
@@ -42,18 +43,29 @@ COMMON = [
 ]  # fmt: skip
 
 
-def run(cmd, log: Path) -> None:
-    """Run a fairseq command, showing its output and keeping a copy in ``log``."""
-    print("$", " ".join(str(c) for c in cmd), flush=True)
-    with open(log, "a") as f:
+def run_all(jobs) -> None:
+    """Run fairseq commands side by side (one thread each: on 2 cores two single-threaded processes
+    beat two-threaded ones taking turns), showing their output prefixed by the run name and keeping a
+    copy of each in its log. ``jobs``: [(name, command, log path)]."""
+
+    def copy_output(name, proc, log):
+        with open(log, "a") as f:
+            for line in proc.stdout:
+                f.write(line)
+                if not ("Warning" in line or "warnings.warn" in line or line.startswith("  ")):
+                    sys.stdout.write(f"[{name}] {line}")  # fairseq's deprecation noise is only logged
+
+    running = []
+    for name, cmd, log in jobs:
+        print(f"[{name}] $", " ".join(str(c) for c in cmd), flush=True)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for line in proc.stdout:
-            if "Warning" in line or "warnings.warn" in line or line.startswith("  "):
-                continue  # fairseq's deprecation noise on this stack (see README)
-            sys.stdout.write(line)
-            f.write(line)
+        reader = threading.Thread(target=copy_output, args=(name, proc, log))
+        reader.start()
+        running.append((name, proc, reader, log))
+    for name, proc, reader, log in running:
+        reader.join()
         if proc.wait() != 0:
-            sys.exit(f"error: {cmd[0]} failed (exit {proc.returncode}); see {log}")
+            sys.exit(f"error: {name} failed (exit {proc.returncode}); see {log}")
 
 
 def prepare_data(data_bin: Path, scale: float) -> None:
@@ -78,21 +90,25 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     prepare_data(data_bin, args.corpus_scale)
 
-    logs = []
+    train, evaluate = [], []
     for name, extra in MODELS.items():
         save_dir = out / name
         save_dir.mkdir(exist_ok=True)
-        train_log, eval_log = save_dir / "train.log", save_dir / "eval.log"
-        run([BIN / "fairseq-train", data_bin, "--user-dir", ROOT / "plugins", *COMMON, *extra,
-             "--max-update", str(args.max_update), "--validate-interval-updates", str(max(args.max_update // 4, 1)),
-             "--save-dir", save_dir], train_log)  # fmt: skip
-        if eval_log.exists():
-            eval_log.unlink()  # re-evaluating is cheap and reflects the checkpoint that is there
-        run([BIN / "fairseq-eval-lm", data_bin, "--user-dir", ROOT / "plugins", "--task", "segment_lm",
-             "--path", save_dir / "checkpoint_best.pt", "--gen-subset", "test", "--tokens-per-sample", "64",
-             "--batch-size", "16", "--cpu"], eval_log)  # fmt: skip
-        log = results.parse_log(train_log, name)
-        log.eval_loss = results.parse_log(eval_log).eval_loss
+        train.append((name, [BIN / "fairseq-train", data_bin, "--user-dir", ROOT / "plugins", *COMMON, *extra,
+                             "--max-update", str(args.max_update),
+                             "--validate-interval-updates", str(max(args.max_update // 4, 1)),
+                             "--save-dir", save_dir], save_dir / "train.log"))  # fmt: skip
+        (save_dir / "eval.log").unlink(missing_ok=True)  # re-evaluating is cheap: always the current checkpoint
+        evaluate.append((name, [BIN / "fairseq-eval-lm", data_bin, "--user-dir", ROOT / "plugins",
+                                "--task", "segment_lm", "--path", save_dir / "checkpoint_best.pt",
+                                "--gen-subset", "test", "--tokens-per-sample", "64", "--batch-size", "16",
+                                "--cpu"], save_dir / "eval.log"))  # fmt: skip
+    run_all(train)
+    run_all(evaluate)
+    logs = []
+    for name in MODELS:
+        log = results.parse_log(out / name / "train.log", name)
+        log.eval_loss = results.parse_log(out / name / "eval.log").eval_loss
         logs.append(log)
 
     table = results.results_table(logs, eval_label="test")
@@ -103,6 +119,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the runs go side by side, one core each
     shutil.which("fairseq-train", path=str(BIN)) or sys.exit("error: fairseq is not installed: run bash install.sh")
     main()
