@@ -190,8 +190,8 @@ def test_quickstart_runner_end_to_end(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:])
     table = (tmp_path / "runs" / "results.md").read_text()
-    rows = [line.split("|")[1:5] for line in table.splitlines() if line.startswith("| full-64")]
-    assert [r[0].strip() for r in rows] == ["full-64", "full-64+mem256"]
+    rows = [line.split("|")[1:5] for line in table.splitlines() if line.startswith(("| full-64", "| xl-64"))]
+    assert [r[0].strip() for r in rows] == ["full-64", "xl-64+mem192"]
     assert all(cell.strip() not in ("", "?") for row in rows for cell in row)  # params, valid and test bpb
     assert (tmp_path / "runs" / "loss_curves.png").stat().st_size > 10_000
     assert (tmp_path / "data-bin" / "metadata.json").exists()
