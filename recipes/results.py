@@ -81,6 +81,7 @@ def results_table(runs: List[RunLog], eval_label: str = "test") -> str:
 def plot_curves(runs: List[RunLog], png, title: str = "") -> None:
     """Train (thin) and valid (markers) loss in bits per token against updates, one colour per run."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -95,8 +96,11 @@ def plot_curves(runs: List[RunLog], png, title: str = "") -> None:
         ax.plot([r["num_updates"] for r in v], [r["loss"] for r in v], color=color, marker="o", lw=2,
                 label=f"{run.name} valid")  # fmt: skip
     ax.set_xlabel("updates")
-    ax.set_ylabel("loss (bits per token)")
-    ax.set_title(title)
+    ax.set_ylabel("loss (bits per token, log scale)")
+    ax.set_yscale("log")  # early losses are 10x the final ones; the gap between models is at the end
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
