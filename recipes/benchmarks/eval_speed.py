@@ -71,7 +71,6 @@ How to read the output
 
 import argparse
 import datetime
-import json
 import os
 import re
 import shlex
@@ -87,7 +86,9 @@ from recipes.benchmarks.train_throughput import (
     BIN,
     REPO,
     pseudo_text,
+    save_record,
     snapshot_plugins,
+    start_run,
     tree_hash,
     versions,
     write_bytes_as_tokens,
@@ -300,11 +301,7 @@ def headline(a, rows: List[Dict]) -> Dict[int, float]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     a = parse_args(argv)
-    out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    logs = out / stamp
-    logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    out, stamp, logs, env = start_run(a.out, a.threads)
     commands: Dict[str, str] = {}
     runs: List[Dict] = []
     started = time.time()
@@ -390,9 +387,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "table": table,
         "total_s": round(time.time() - started),
     }
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"\nrecord: {out / 'results.jsonl'}  table: {out / f'{stamp}.md'}  logs: {logs}")
+    save_record(out, stamp, logs, record)
 
 
 if __name__ == "__main__":

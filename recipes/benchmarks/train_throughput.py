@@ -298,6 +298,23 @@ def parse_args(argv: Optional[List[str]] = None):
     return a
 
 
+def start_run(out_arg: str, threads: int):
+    """The run directory ``<out>/<stamp>/`` and the environment every benchmarked command gets."""
+    out = Path(out_arg) if Path(out_arg).is_absolute() else REPO / out_arg
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    logs = out / stamp
+    logs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    return out, stamp, logs, env
+
+
+def save_record(out: Path, stamp: str, logs: Path, record: Dict) -> None:
+    """Append the run's record (settings, exact commands, every measurement) to ``<out>/results.jsonl``."""
+    with open(out / "results.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(f"\nrecord: {out / 'results.jsonl'}  table: {out / f'{stamp}.md'}  logs: {logs}")
+
+
 def markdown_table(rows: List[Dict]) -> str:
     lines = ["| model | params | median tokens/s | ratio (ours / fairseq) |", "|---|---:|---:|---:|"]
     for r in rows:
@@ -307,11 +324,7 @@ def markdown_table(rows: List[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     a = parse_args(argv)
-    out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    logs = out / stamp
-    logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    out, stamp, logs, env = start_run(a.out, a.threads)
 
     vers = versions(Path(a.plugins).resolve())  # before the runs: the commit whose plugins/ is copied
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as tmp:
@@ -384,9 +397,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "runs": runs,
         "table": table,
     }
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"\nrecord: {out / 'results.jsonl'}  table: {out / f'{stamp}.md'}  logs: {logs}")
+    save_record(out, stamp, logs, record)
 
 
 if __name__ == "__main__":

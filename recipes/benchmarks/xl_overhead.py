@@ -54,7 +54,6 @@ How to read the output
 
 import argparse
 import datetime
-import json
 import os
 import shlex
 import statistics
@@ -63,7 +62,17 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from recipes.benchmarks.train_throughput import BIN, REPO, make_data, run_one, snapshot_plugins, tree_hash, versions
+from recipes.benchmarks.train_throughput import (
+    BIN,
+    REPO,
+    make_data,
+    run_one,
+    save_record,
+    snapshot_plugins,
+    start_run,
+    tree_hash,
+    versions,
+)
 
 DEFAULT_OUT = "runs/benchmarks/xl_overhead"
 
@@ -168,11 +177,7 @@ def markdown_table(rows: List[Dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     a = parse_args(argv)
-    out = Path(a.out) if Path(a.out).is_absolute() else REPO / a.out
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    logs = out / stamp
-    logs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads), PYTHONWARNINGS="ignore")
+    out, stamp, logs, env = start_run(a.out, a.threads)
     started = time.time()
 
     with tempfile.TemporaryDirectory(prefix="xl_overhead_") as tmp:
@@ -227,9 +232,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "table": table,
         "total_s": round(time.time() - started),
     }
-    with open(out / "results.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
-    print(f"\nrecord: {out / 'results.jsonl'}  table: {out / f'{stamp}.md'}  logs: {logs}")
+    save_record(out, stamp, logs, record)
 
 
 if __name__ == "__main__":
