@@ -85,7 +85,9 @@ from typing import Dict, List, Optional
 from recipes.benchmarks.train_throughput import (
     BIN,
     REPO,
+    add_sized_args,
     pseudo_text,
+    resolve_sizes,
     save_record,
     snapshot_plugins,
     start_run,
@@ -229,21 +231,13 @@ def parse_args(argv: Optional[List[str]] = None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="small model, short contexts and slices (~3 minutes)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (relative to the repository root)")
-    p.add_argument("--plugins", default=str(REPO / "plugins"), help="--user-dir (e.g. another checkout's plugins/)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
-    p.add_argument("--seed", type=int, default=1234, help="corpus generator seed")
     p.add_argument(
         "--full-train-task", choices=("segment_lm", "language_modeling"), default="segment_lm",
         help="task the full model is trained under (it is evaluated under language_modeling either way)",
     )  # fmt: skip
-    for name, (default, quick) in SIZES.items():
-        kind = int if isinstance(default, int) else str
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{default} ({quick} with --quick)")
+    add_sized_args(p, SIZES, DEFAULT_OUT, threads=1)
     a = p.parse_args(argv)
-    for name, (default, quick) in SIZES.items():
-        if getattr(a, name) is None:
-            setattr(a, name, quick if a.quick else default)
+    resolve_sizes(a, SIZES)
     a.contexts, a.eval_segments = ints(a.contexts), ints(a.eval_segments)
     a.sliding_batch_sizes = ints(a.sliding_batch_sizes)
     a.plugins = str(Path(a.plugins).resolve())

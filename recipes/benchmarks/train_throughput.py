@@ -271,28 +271,37 @@ def versions(plugins: Path) -> Dict[str, str]:
     return out
 
 
+def add_sized_args(p: argparse.ArgumentParser, sizes: Dict, default_out: str, threads: int) -> None:
+    """Options every benchmark shares: --quick, --out, --plugins, --threads, --seed and one option per
+    entry of ``sizes`` (name -> (default, --quick value)); resolve them with ``resolve_sizes``."""
+    p.add_argument("--out", default=default_out, help="output directory (relative to the repository root)")
+    p.add_argument("--plugins", default=str(REPO / "plugins"), help="--user-dir (e.g. another checkout's plugins/)")
+    p.add_argument("--threads", type=int, default=threads, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
+    p.add_argument("--seed", type=int, default=1234, help="corpus generator seed")
+    for name, (default, quick) in sizes.items():
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=type(default), default=None, help=f"{default} ({quick} with --quick)"
+        )
+
+
+def resolve_sizes(a, sizes: Dict) -> None:
+    for name, (default, quick) in sizes.items():
+        if getattr(a, name) is None:
+            setattr(a, name, quick if a.quick else default)
+
+
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(
         description="Train tokens/s of efficient_lm --attention full vs fairseq transformer_lm (same size).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="small model, few updates, one repeat (~1 minute)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (relative to the repository root)")
     p.add_argument("--data", default=None, help="existing fairseq data-bin directory (default: generate one)")
-    p.add_argument(
-        "--plugins", default=str(REPO / "plugins"), help="--user-dir of ours (e.g. another checkout's plugins/)"
-    )
-    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS of both runs")
     p.add_argument("--num-workers", type=int, default=0, help="fairseq data-loader workers of both runs")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout of both models")
-    p.add_argument("--seed", type=int, default=1234, help="corpus generator seed")
-    for name, (default, quick) in SIZES.items():
-        kind = type(default)
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{default} ({quick} with --quick)")
+    add_sized_args(p, SIZES, DEFAULT_OUT, threads=2)
     a = p.parse_args(argv)
-    for name, (default, quick) in SIZES.items():
-        if getattr(a, name) is None:
-            setattr(a, name, quick if a.quick else default)
+    resolve_sizes(a, SIZES)
     if a.max_update < 2 * a.log_interval:
         p.error("--max-update must cover at least two --log-interval intervals (the first is warm-up)")
     return a

@@ -64,8 +64,9 @@ from typing import Dict, List, Optional
 
 from recipes.benchmarks.train_throughput import (
     BIN,
-    REPO,
+    add_sized_args,
     make_data,
+    resolve_sizes,
     run_one,
     save_record,
     snapshot_plugins,
@@ -114,17 +115,9 @@ def parse_args(argv: Optional[List[str]] = None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="T=64 only, few updates, one repeat (~1-2 minutes)")
-    p.add_argument("--out", default=DEFAULT_OUT, help="output directory (relative to the repository root)")
-    p.add_argument("--plugins", default=str(REPO / "plugins"), help="--user-dir (e.g. another checkout's plugins/)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every run")
-    p.add_argument("--seed", type=int, default=1234, help="corpus generator seed")
-    for name, (default, quick) in SIZES.items():
-        kind = type(default)
-        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=None, help=f"{default} ({quick} with --quick)")
+    add_sized_args(p, SIZES, DEFAULT_OUT, threads=1)
     a = p.parse_args(argv)
-    for name, (default, quick) in SIZES.items():
-        if getattr(a, name) is None:
-            setattr(a, name, quick if a.quick else default)
+    resolve_sizes(a, SIZES)
     a.segments = [int(x) for x in str(a.segments).split(",") if x.strip()]
     a.plugins = str(Path(a.plugins).resolve())
     if a.max_update < 2 * a.log_interval:
