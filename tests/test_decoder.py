@@ -28,7 +28,8 @@ from plugins.criterions.aux_cross_entropy import AuxCrossEntropyCriterion
 from plugins.errors import UserError
 from plugins.memory import HiddenMemory
 from plugins.models.decoder import UNBOUNDED_POSITIONS
-from plugins.models.efficient_lm import EfficientLMConfig, full_tiny, validate_config
+from plugins.models.efficient_lm import EfficientLMConfig, validate_config
+from plugins.models.presets.full import full_tiny
 from plugins.modules.decoder_layer import DecoderLayer
 from plugins.modules.feedforward import FeedForward
 

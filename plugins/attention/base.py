@@ -115,6 +115,11 @@ class Attention(nn.Module):
         B, _, L, _ = x.shape
         return x.transpose(1, 2).reshape(B, L, self.embed_dim)  # B x L x D
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Raise ``UserError`` for option values this mechanism cannot run with (``cfg``: the whole model
+        config, after the generic checks of ``validate_config``). Called before anything is built."""
+
     def forward(
         self, x: Tensor, mem: Optional[TensorState], keep: Optional[int]
     ) -> Tuple[Tensor, Optional[TensorState]]:

@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from fairseq.models import FairseqLanguageModel, register_model, register_model_architecture
+from fairseq.models import FairseqLanguageModel, register_model
 from omegaconf import II
 
 from ..attention import ATTENTION_REGISTRY, AuxLoss
@@ -146,6 +146,7 @@ def validate_config(cfg) -> None:
         raise UserError("--tie-adaptive-weights needs both --adaptive-input and --adaptive-softmax-cutoff")
     if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
         raise UserError("--share-decoder-input-output-embed is for plain embeddings; use --tie-adaptive-weights")
+    attention.check_config(cfg)
 
 
 @register_model("efficient_lm", dataclass=EfficientLMConfig)
@@ -175,129 +176,3 @@ class EfficientLM(FairseqLanguageModel):
 
     def reset_memory(self, mode: Optional[str] = None) -> None:
         self.decoder.reset_memory(mode)
-
-
-# ---- presets: they only set defaults (fairseq fills the rest from the config dataclass; ----------
-# ---- ``--arch efficient_lm`` is registered by fairseq itself and means the plain defaults) -------
-def _defaults(args, **values):
-    for name, value in values.items():
-        setattr(args, name, getattr(args, name, value))
-
-
-@register_model_architecture("efficient_lm", "full_tiny")
-def full_tiny(args):
-    """Trains in seconds on a CPU: tests, the quickstart, smoke runs."""
-    _defaults(args, decoder_layers=2, decoder_embed_dim=64, decoder_ffn_embed_dim=256, decoder_attention_heads=4,
-              decoder_normalize_before=True, dropout=0.0, share_decoder_input_output_embed=True)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "full_small")
-def full_small(args):
-    """Quickstart-sized: 4 layers x 128, about 1M parameters on a byte vocabulary."""
-    _defaults(args, decoder_layers=4, decoder_embed_dim=128, decoder_ffn_embed_dim=512, decoder_attention_heads=4,
-              decoder_normalize_before=True, dropout=0.1, share_decoder_input_output_embed=True)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "full_enwik8")
-def full_enwik8(args):
-    """Vanilla-attention twin of Transformer-XL's enwik8 base model (Dai et al. 2019, official
-    run_enwik8_base.sh: 12 layers, d_model 512, 8 heads, d_inner 2048, dropout 0.1)."""
-    _defaults(args, decoder_layers=12, decoder_embed_dim=512, decoder_ffn_embed_dim=2048, decoder_attention_heads=8,
-              dropout=0.1, attention_dropout=0.0)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "full_wt103")
-def full_wt103(args):
-    """Baevski & Auli 2019 (fairseq's transformer_lm_wiki103): 16 layers x 1024, 8 heads, FFN 4096,
-    pre-norm, adaptive input + tied adaptive softmax with cutoffs 20000,60000, dropout 0.3."""
-    _defaults(args, decoder_layers=16, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096, decoder_attention_heads=8,
-              decoder_normalize_before=True, dropout=0.3, attention_dropout=0.1, activation_dropout=0.1,
-              adaptive_input=True, adaptive_input_cutoff="20000,60000", adaptive_softmax_cutoff="20000,60000",
-              adaptive_softmax_dropout=0.2, tie_adaptive_weights=True, tie_adaptive_proj=True)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "full_ptb")
-def full_ptb(args):
-    """Word-level PTB/WikiText-2 size (our choice, no paper preset): 4 layers x 256, heavy dropout
-    because PTB overfits within a few epochs; tied embeddings as in Press & Wolf 2017."""
-    _defaults(args, decoder_layers=4, decoder_embed_dim=256, decoder_ffn_embed_dim=1024, decoder_attention_heads=4,
-              decoder_normalize_before=True, dropout=0.3, attention_dropout=0.1,
-              share_decoder_input_output_embed=True)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "full_wt2")
-def full_wt2(args):
-    """WikiText-2: the PTB preset (same data scale, 2M tokens)."""
-    full_ptb(args)
-
-
-# ---- Transformer-XL (Dai et al. 2019): relative attention + segment memory ------------------------
-def _xl(args, **values):
-    _defaults(args, attention="relative", pos_emb="relative", **values)
-
-
-@register_model_architecture("efficient_lm", "xl_tiny")
-def xl_tiny(args):
-    """full_tiny with relative attention and a 64-position memory: tests, CPU smoke runs."""
-    _xl(args, mem_len=64)
-    full_tiny(args)
-
-
-@register_model_architecture("efficient_lm", "xl_small")
-def xl_small(args):
-    """full_small with Transformer-XL attention and memory (the quickstart's twin)."""
-    _xl(args, mem_len=256)
-    full_small(args)
-
-
-@register_model_architecture("efficient_lm", "xl_ptb")
-def xl_ptb(args):
-    """The full_ptb size with relative attention and memory (the paper's PTB setup is not in the official
-    scripts; this is the one-flag-apart twin for the word-level comparison)."""
-    _xl(args, mem_len=128)
-    full_ptb(args)
-
-
-@register_model_architecture("efficient_lm", "xl_enwik8_base")
-def xl_enwik8_base(args):
-    """Official pytorch/run_enwik8_base.sh: 12 layers, d_model 512, 8 heads, d_inner 2048, dropout 0.1,
-    dropatt 0.0, post-norm, tgt_len 512 (--tokens-per-sample), mem_len 512."""
-    _xl(args, mem_len=512)
-    full_enwik8(args)
-
-
-@register_model_architecture("efficient_lm", "xl_enwik8_large")
-def xl_enwik8_large(args):
-    """Dai et al. 2019 Table 2, 24-layer model (277M): d_model 1024, 16 heads, d_inner 3072, dropout and
-    dropatt 0.15, tgt_len = mem_len = 768 (official TPU scripts)."""
-    _xl(args, mem_len=768, decoder_layers=24, decoder_embed_dim=1024, decoder_ffn_embed_dim=3072,
-        decoder_attention_heads=16, dropout=0.15, attention_dropout=0.15)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "xl_text8_large")
-def xl_text8_large(args):
-    """Dai et al. 2019 Table 3: the enwik8 large model trained on text8."""
-    xl_enwik8_large(args)
-
-
-@register_model_architecture("efficient_lm", "xl_wt103_base")
-def xl_wt103_base(args):
-    """Official pytorch/run_wt103_base.sh: 16 layers, d_model 410, 10 heads, d_inner 2100, dropout 0.1,
-    tgt_len = mem_len = 150, adaptive input and softmax with cutoffs 20000,40000,200000, div_val 1
-    (--adaptive-*-factor 1), tied weights and projections."""
-    _xl(args, mem_len=150, decoder_layers=16, decoder_embed_dim=410, decoder_ffn_embed_dim=2100,
-        decoder_attention_heads=10, dropout=0.1, attention_dropout=0.0, adaptive_input=True,
-        adaptive_input_factor=1, adaptive_input_cutoff="20000,40000,200000",
-        adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=1, tie_adaptive_weights=True,
-        tie_adaptive_proj=True)  # fmt: skip
-
-
-@register_model_architecture("efficient_lm", "xl_wt103_large")
-def xl_wt103_large(args):
-    """Dai et al. 2019 Table 1, 18-layer model (257M), official run_wt103_large.sh: d_model 1024, 16 heads,
-    d_inner 4096, dropout and dropatt 0.2, tgt_len = mem_len = 384, adaptive div_val 4."""
-    _xl(args, mem_len=384, decoder_layers=18, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096,
-        decoder_attention_heads=16, dropout=0.2, attention_dropout=0.2, adaptive_input=True,
-        adaptive_input_factor=4, adaptive_input_cutoff="20000,40000,200000",
-        adaptive_softmax_cutoff="20000,40000,200000", adaptive_softmax_factor=4, tie_adaptive_weights=True,
-        tie_adaptive_proj=True)  # fmt: skip
