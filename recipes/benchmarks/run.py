@@ -1,0 +1,198 @@
+"""The efficiency leaderboard: every registered mechanism side by side, in one run.
+
+    python -m recipes.benchmarks.run --quick              # CPU, under ~20 min on 2 cores
+    python -m recipes.benchmarks.run                      # the full suite (long; meant for a GPU box)
+    python -m recipes.benchmarks.run --smoke              # tiny sizes, in-process, layer + generation (CI, < 1 min)
+    python -m recipes.benchmarks.run --only layer,generation --device cuda
+
+Sections (``--only``): ``layer`` (one attention layer fwd+bwd, time and peak memory vs N, with the public
+peers installed by ``recipes/benchmarks/install_peers.sh``), ``generation`` (fairseq's generator, ms per
+token vs position), ``evaluation`` (memory vs stride-1 sliding-window evaluation: ``eval_speed``),
+``quality`` (every ``*_tiny`` preset on real PTB characters, same tokens), ``gpu`` (bf16 MFU of
+``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA only). Every case runs in its
+own process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of address space (CPU): a crash, a
+timeout or an OOM is a row saying so.
+
+Output in ``<out>/<stamp>/``: ``results.jsonl`` (one line per case, with the settings), ``summary.md``
+(tables with ratios and the goals met / not met), ``layer_scaling.png``, ``generation.png``,
+``quality_vs_speed.png``. Compare ratios within one run: the machine is shared and absolute times drift.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from recipes.benchmarks.suite import generation, layer, plots, quality
+from recipes.benchmarks.suite.isolate import REPO, run_case
+from recipes.benchmarks.train_throughput import start_run, versions
+
+SECTIONS = ("layer", "generation", "evaluation", "quality", "gpu")
+SIZES = {  # setting: (full, --quick, --smoke)
+    "lengths": ([512, 1024, 2048, 4096, 8192, 16384], [512, 1024, 2048, 4096], [64, 128]),
+    "gen_tokens": (4096, 1024, 192),
+    "quality_updates": (3000, 300, 6),
+    "quality_batch": (16, 8, 2),
+    "quality_segment": (128, 128, 32),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--quick", action="store_true", help="CPU-sized: N up to 4096, 1k generated tokens, 300 updates")
+    p.add_argument(
+        "--smoke", action="store_true",
+        help="tiny sizes, cases in this process, sections layer,generation unless --only: checks the logic (CI)",
+    )  # fmt: skip
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--out", default="runs/benchmarks/suite", help="output directory (a stamped run dir inside)")
+    p.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
+    p.add_argument("--parallel", type=int, default=1, help="quality runs trained at the same time")
+    p.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is stopped")
+    p.add_argument("--mem-cap-gb", type=float, default=16, help="address-space cap of a CPU case (0: none)")
+    p.add_argument("--peers-path", default=str(REPO / "runs" / "peers"), help="folder of install_peers.sh")
+    p.add_argument("--dim", type=int, default=256, help="model dim of the layer cases (heads: --heads)")
+    p.add_argument("--heads", type=int, default=4)
+    a = p.parse_args(argv)
+    if a.only is None:
+        a.only = "layer,generation" if a.smoke else ",".join(SECTIONS)
+    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
+    a.isolate = not a.smoke
+    unknown = sorted(set(a.only) - set(SECTIONS))
+    if unknown:
+        p.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
+    level = 2 if a.smoke else 1 if a.quick else 0
+    for name, values in SIZES.items():
+        setattr(a, name, values[level])
+    if a.smoke:
+        a.dim, a.heads = 32, 2
+    return a
+
+
+def layer_section(a, env, emit) -> List[Dict]:
+    from recipes.benchmarks.suite.peers import PEERS
+
+    specs = layer.cases(a.lengths, a.dim, a.heads, a.device)
+    for peer, entry in PEERS.items():
+        for n in a.lengths:
+            specs.append(dict(peer=peer, mechanism=entry.mechanism, label="", options={}, N=n, D=a.dim, H=a.heads,
+                              device=a.device))  # fmt: skip
+    rows = []
+    for spec in specs:
+        row = run_case("layer", spec, a.case_timeout, a.mem_cap_gb if a.device == "cpu" else None, env, a.isolate)
+        if row["status"] == "error" and "No module named" in row.get("error", "") and spec.get("peer"):
+            row["status"] = "not installed"
+        rows.append(emit("layer", row))
+    layer.add_ratios(rows)
+    return rows
+
+
+def generation_section(a, env, emit) -> List[Dict]:
+    rows = []
+    for case in generation.CASES:
+        spec = {**case, "tokens": a.gen_tokens, "L": 2, "D": a.dim, "H": a.heads, "device": a.device}
+        rows.append(emit("generation", run_case("generation", spec, a.case_timeout, None, env, a.isolate)))
+    return rows
+
+
+def evaluation_section(a, env, run_dir: Path, emit) -> List[Dict]:
+    out = run_dir / "eval_speed"
+    cmd = [sys.executable, "-m", "recipes.benchmarks.eval_speed", "--out", str(out), "--threads", str(a.threads)]
+    if a.smoke:
+        cmd += ["--quick", "--contexts", "64", "--eval-segments", "32", "--sliding-batch-sizes", "8",
+                "--slice-tokens", "64", "--test-tokens", "512", "--train-updates", "2"]  # fmt: skip
+    elif a.quick:
+        cmd += ["--quick", "--contexts", "256,800", "--eval-segments", "128", "--slice-tokens", "256"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    if proc.returncode != 0:
+        return [emit("evaluation", {"status": "error", "error": proc.stderr.strip().splitlines()[-1:]})]
+    record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
+    return [emit("evaluation", {"status": "ok", "context": int(c), "memory_over_stride1": r})
+            for c, r in record["memory_over_stride1"].items()]  # fmt: skip
+
+
+def quality_section(a, env, run_dir: Path, emit) -> List[Dict]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = quality.prepare_ptb_chars(REPO / "runs" / "benchmarks" / "data")
+    presets = quality.tiny_presets()
+    with ThreadPoolExecutor(max_workers=a.parallel) as pool:
+        rows = list(pool.map(lambda p: quality.train_and_eval(p, data, run_dir / "quality" / p, a, env), presets))
+    quality.add_param_ratios(rows)
+    return [emit("quality", r) for r in rows]
+
+
+def gpu_section(a, env, emit) -> List[Dict]:
+    import torch
+
+    if a.device != "cuda" or not torch.cuda.is_available():
+        return [emit("gpu", {"status": "skipped", "error": "no CUDA device: MFU is measured on GPU only"})]
+    presets = [  # paper sizes and segment lengths (presets/transformer_xl.py, presets/full.py)
+        {"attention": "full", "label": "full_enwik8", "options": {"pos_emb": "sinusoidal"}},
+        {"attention": "relative", "label": "xl_enwik8_base", "options": {"pos_emb": "relative", "mem_len": 512}},
+    ]
+    return [emit("gpu", run_case("gpu", {**p, "L": 12, "D": 512, "H": 8, "segment": 512, "batch": 22, "steps": 10,
+                                         "device": "cuda"}, a.case_timeout, None, env)) for p in presets]  # fmt: skip
+
+
+def main(argv=None) -> Path:
+    a = parse_args(argv)
+    out, stamp, run_dir, env = start_run(a.out, a.threads)
+    if Path(a.peers_path).is_dir():
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), a.peers_path, env.get("PYTHONPATH")]))
+        sys.path.append(a.peers_path)  # for the cases run in this process (--smoke)
+    import torch
+    from fairseq import utils
+
+    torch.set_num_threads(a.threads)
+    utils.import_user_module(argparse.Namespace(user_dir=str(REPO / "plugins")))  # as fairseq-* --user-dir does
+    settings = {k: v for k, v in vars(a).items()}
+    meta = {
+        "date": stamp,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "versions": versions(REPO / "plugins"),
+    }
+    results = run_dir / "results.jsonl"
+
+    def emit(section: str, row: Dict) -> Dict:
+        row = {"section": section, **row}
+        with open(results, "a") as f:
+            f.write(json.dumps({**row, "settings": settings, **meta}) + "\n")
+        print(f"[{section}] {plots.label(row) if 'attention' in row or 'peer' in row else row.get('preset', '')} "
+              f"{row.get('N', '')} {row['status']}", flush=True)  # fmt: skip
+        return row
+
+    started = time.time()
+    rows = {s: [] for s in SECTIONS}
+    if "layer" in a.only:
+        rows["layer"] = layer_section(a, env, emit)
+        plots.layer_scaling(rows["layer"], run_dir / "layer_scaling.png")
+    if "generation" in a.only:
+        rows["generation"] = generation_section(a, env, emit)
+        plots.generation_profile(rows["generation"], run_dir / "generation.png", generation.WINDOW)
+    if "evaluation" in a.only:
+        rows["evaluation"] = evaluation_section(a, env, run_dir, emit)
+    if "quality" in a.only:
+        rows["quality"] = quality_section(a, env, run_dir, emit)
+        plots.quality_vs_speed(rows["quality"], run_dir / "quality_vs_speed.png")
+    if "gpu" in a.only:
+        rows["gpu"] = gpu_section(a, env, emit)
+    from recipes.benchmarks.suite.summary import summarize
+
+    text = summarize(rows, meta, a, time.time() - started)
+    (run_dir / "summary.md").write_text(text)
+    print("\n" + text)
+    print(f"\nresults: {results}\nsummary: {run_dir / 'summary.md'}")
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""One benchmark case per process, under a wall-time and an address-space cap.
+
+The parent runs ``python -m recipes.benchmarks.suite.worker KIND SPEC_JSON``; the worker prints one
+``RESULT {json}`` line. A timeout, a non-zero exit (OOM kill, crash, MemoryError under the cap) or a
+missing result line becomes a row with ``status`` ``timeout`` / ``oom`` / ``error`` and the last line
+of stderr, so the suite goes on.
+
+Peak memory is measured inside the worker (``peak_bytes``): on CUDA ``torch.cuda.max_memory_allocated``
+after a reset; on CPU the growth of the process's resident set during the first forward + backward
+(``ru_maxrss`` high-water mark minus the resident size just before the call, both read in the same
+fresh process, after the inputs and the module exist). The CPU number therefore includes the
+allocator's and the kernels' scratch space, as a user would see it, and not the interpreter/torch base.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+REPO = Path(__file__).resolve().parents[3]
+RESULT_PREFIX = "RESULT "
+
+
+def _cap_address_space(gigabytes: Optional[float]) -> Optional[Callable[[], None]]:
+    if not gigabytes:
+        return None
+    limit = int(gigabytes * 2**30)
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    return apply
+
+
+def run_case(
+    kind: str, spec: Dict, timeout: float, mem_cap_gb: Optional[float], env: Dict[str, str], isolate: bool = True
+) -> Dict:
+    """Run one case in a fresh interpreter; always return a row (``status`` ``ok`` or why not).
+    ``isolate=False`` runs it in this process, without caps (``--smoke``: checks the logic, not the numbers)."""
+    cmd = [sys.executable, "-m", "recipes.benchmarks.suite.worker", kind, json.dumps(spec)]
+    start = time.time()
+    row = {"kind": kind, **spec}
+    if not isolate:
+        from .worker import measure_case
+
+        try:
+            return {**row, "status": "ok", **measure_case(kind, spec), "wall_s": round(time.time() - start, 1)}
+        except Exception as e:  # noqa: BLE001 (a failing case is a row, as in a subprocess)
+            return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+            preexec_fn=_cap_address_space(mem_cap_gb),
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {**row, "status": "timeout", "error": f"over {timeout:.0f} s", "wall_s": round(time.time() - start, 1)}
+    row["wall_s"] = round(time.time() - start, 1)
+    results = [line[len(RESULT_PREFIX) :] for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode == 0 and results:
+        return {**row, "status": "ok", **json.loads(results[-1])}
+    err = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+    out_of_memory = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr or "out of memory" in proc.stderr
+    return {**row, "status": "oom" if out_of_memory else "error", "error": err, "returncode": proc.returncode}
+
+
+def report(result: Dict) -> None:
+    """Worker side: hand the measurement back to the parent."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def resident_bytes() -> int:
+    """Current resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

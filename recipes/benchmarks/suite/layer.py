@@ -1,0 +1,100 @@
+"""Layer scaling: one attention layer, forward + backward, time and peak memory vs sequence length N.
+
+Every registered attention runs with its default options and with the variants listed in ``VARIANTS``
+(the options that change its cost: sparse patterns, LSH hashes, feature maps, spans, ...). Public
+implementations of the same mechanisms run in the same suite when installed (``peers``). Shapes: one
+sequence (B = 1) of N positions, model dim D, H heads, float32 on CPU (bf16 autocast available on CUDA).
+"""
+
+import statistics
+import time
+from typing import Callable, Dict, List, Tuple
+
+import torch
+
+# name -> [(label, option overrides)]; a registered attention missing here runs once with its defaults.
+VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
+    "naive": [],  # the einsum test reference: O(N^2) memory by construction, not a mechanism to rank
+}
+
+
+def default_pos_emb(attention_cls) -> str:
+    return attention_cls.encodes_positions[0] if attention_cls.requires_own_positions else "none"
+
+
+def cases(lengths: List[int], dim: int, heads: int, device: str) -> List[Dict]:
+    """Every (attention, variant, N) to measure, in a stable order."""
+    from plugins.attention import ATTENTION_REGISTRY
+
+    out = []
+    for name, entry in sorted(ATTENTION_REGISTRY.items()):
+        base = {"pos_emb": default_pos_emb(entry.cls)}
+        for label, options in VARIANTS.get(name, [("", {})]):
+            for n in lengths:
+                out.append(dict(attention=name, label=label, options={**base, **options}, N=n, D=dim, H=heads,
+                                device=device))  # fmt: skip
+    return out
+
+
+def build_ours(spec: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    from plugins.attention import build_attention
+    from plugins.models.efficient_lm import EfficientLMConfig, validate_config
+
+    cfg = EfficientLMConfig()
+    cfg.attention, cfg.decoder_embed_dim, cfg.decoder_attention_heads = spec["attention"], spec["D"], spec["H"]
+    cfg.tokens_per_sample = cfg.max_target_positions = spec["N"]
+    for name, value in spec["options"].items():
+        setattr(cfg, name, value)
+    validate_config(cfg)  # an invalid variant fails here, with its message in the row
+    attn = build_attention(cfg.attention, spec["D"], spec["H"], 0.0, cfg).to(spec["device"])
+    return lambda x: attn(x, None, 0)[0]
+
+
+def measure(spec: Dict, forward: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> Dict:
+    """Peak memory of the first forward + backward, then the median time of ``repeats`` more."""
+    from .isolate import peak_resident_bytes, resident_bytes
+
+    device = torch.device(spec["device"])
+    cuda = device.type == "cuda"
+    x = torch.randn(1, spec["N"], spec["D"], device=device, requires_grad=True)  # B x N x D
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False)):
+            out = forward(x)
+        out.float().square().mean().backward()
+        x.grad = None
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak, exact = torch.cuda.max_memory_allocated() - base, True
+    else:
+        high_before, base = peak_resident_bytes(), resident_bytes()
+        step()
+        high_after = peak_resident_bytes()
+        peak, exact = high_after - base, high_after > high_before  # else: below an earlier high-water mark
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return {"time_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20, "peak_exact": exact}
+
+
+def add_ratios(rows: List[Dict]) -> None:
+    """ratio_sdpa: time and memory over ``full`` (PyTorch SDPA) at the same N; ratio_peer: time over the
+    fastest installed public implementation of the same mechanism at the same N."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    sdpa = {r["N"]: r for r in ok if r.get("attention") == "full" and not r.get("label")}
+    for r in ok:
+        ref = sdpa.get(r["N"])
+        if ref:
+            r["time_vs_sdpa"] = r["time_ms"] / ref["time_ms"]
+            r["mem_vs_sdpa"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
+        peers = [p for p in ok if p.get("peer") and p.get("mechanism") == r.get("attention") and p["N"] == r["N"]]
+        if peers and not r.get("peer"):
+            r["time_vs_best_peer"] = r["time_ms"] / min(p["time_ms"] for p in peers)

@@ -1,0 +1,124 @@
+"""The markdown summary of a suite run: one table per section and the goals of the leaderboard issue,
+each reported as met / not met / not measured with the number behind it."""
+
+from collections import defaultdict
+from typing import Dict, List
+
+from .plots import label
+
+SUBQUADRATIC = ("linear", "sparse", "lsh")
+
+
+def _fmt(value, spec: str = ".2f", none: str = "–") -> str:
+    return none if value is None else format(value, spec)
+
+
+def layer_table(rows: List[Dict]) -> str:
+    lengths = sorted({r["N"] for r in rows})
+    by_name = defaultdict(dict)
+    for r in rows:
+        by_name[label(r)][r["N"]] = r
+    head = "| mechanism | " + " | ".join(f"N={n} ms / MB" for n in lengths) + " | time, mem vs SDPA at largest N |"
+    lines = [head, "|---" * (len(lengths) + 2) + "|"]
+    for name, cells in sorted(by_name.items()):
+        parts = []
+        for n in lengths:
+            r = cells.get(n)
+            if r is None:
+                parts.append("")
+            elif r["status"] != "ok":
+                parts.append(r["status"])
+            else:
+                parts.append(f"{r['time_ms']:.1f} / {r['peak_mb']:.0f}")
+        last = next((cells[n] for n in reversed(lengths) if n in cells and cells[n]["status"] == "ok"), None)
+        ratio = f"{_fmt(last.get('time_vs_sdpa'))}x, {_fmt(last.get('mem_vs_sdpa'))}x" if last else "–"
+        lines.append(f"| {name} | " + " | ".join(parts) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
+def goals(rows: Dict[str, List[Dict]]) -> List[str]:
+    out = []
+    layer_ok = [r for r in rows["layer"] if r["status"] == "ok"]
+    ours = [r for r in layer_ok if not r.get("peer")]
+    for mech in sorted({r["attention"] for r in ours if "time_vs_best_peer" in r}):
+        worst = max(r["time_vs_best_peer"] for r in ours if r["attention"] == mech and "time_vs_best_peer" in r)
+        out.append(f"- {mech} not slower than the best public implementation at any N: "
+                   f"{'met' if worst <= 1.0 else 'not met'} (worst time ratio {worst:.2f})")  # fmt: skip
+    for mech in SUBQUADRATIC:
+        mine = [r for r in ours if r["attention"] == mech]
+        if not mine:
+            out.append(f"- {mech}: not measured (not registered in this checkout)")
+            continue
+        big = [r for r in mine if r["N"] == 16384 and r.get("mem_vs_sdpa") is not None]
+        if big:
+            worst = max(r["mem_vs_sdpa"] for r in big)
+            out.append(
+                f"- {mech} memory at N=16384 <= 1/4 of SDPA: {'met' if worst <= 0.25 else 'not met'} ({worst:.2f}x)"
+            )
+        else:
+            out.append(f"- {mech} memory at N=16384: not measured (largest N in this run: {max(r['N'] for r in mine)})")
+        late = [r for r in mine if r["N"] >= 8192 and r.get("time_vs_sdpa") is not None]
+        if late:
+            worst = max(r["time_vs_sdpa"] for r in late)
+            out.append(f"- {mech} time <= SDPA from N=8192: {'met' if worst <= 1.0 else 'not met'} ({worst:.2f}x)")
+        else:
+            out.append(f"- {mech} time from N=8192: not measured")
+    for r in rows["generation"]:
+        if r.get("attention") == "linear" and r["status"] == "ok":
+            ratio = r["late_over_early"]
+            out.append(f"- linear generation flat in position (<= 1.2x, last vs second 64 of {r['generated']} tokens): "
+                       f"{'met' if ratio <= 1.2 else 'not met'} ({ratio:.2f}x)")  # fmt: skip
+    for r in rows["evaluation"]:
+        if r["status"] == "ok" and r["context"] >= 800:
+            ok = r["memory_over_stride1"] >= 300
+            out.append(f"- XL memory evaluation >= 300x stride-1 at C={r['context']}: "
+                       f"{'met' if ok else 'not met'} ({r['memory_over_stride1']:.0f}x)")  # fmt: skip
+    return out
+
+
+def summarize(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: float) -> str:
+    parts = [f"# Benchmark suite, {meta['date']}", "",
+             f"Machine: {meta['machine']}, device {a.device}, {a.threads} thread(s) per case; versions: "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; total {seconds / 60:.1f} min.",
+             ""]  # fmt: skip
+    if rows["layer"]:
+        parts += [f"## One attention layer, forward + backward (D={a.dim}, {a.heads} heads, batch 1)", "",
+                  layer_table(rows["layer"]), ""]  # fmt: skip
+    if rows["generation"]:
+        parts += ["## Generation (fairseq SequenceGenerator, sampling)", "",
+                  "| mechanism | tokens | tokens/s | ms/token early | ms/token late | late / early |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows["generation"]:
+            if r["status"] == "ok":
+                parts.append(f"| {label(r)} | {r['generated']} | {r['tokens_per_s']:.1f} | {r['early_ms']:.2f} | "
+                             f"{r['late_ms']:.2f} | {r['late_over_early']:.2f} |")  # fmt: skip
+            else:
+                parts.append(f"| {label(r)} | {r['status']}: {r.get('error', '')} | | | | |")
+        parts.append("")
+    if rows["evaluation"]:
+        parts += ["## Evaluation: memory vs stride-1 sliding window (eval_speed)", ""]
+        for r in rows["evaluation"]:
+            parts.append(f"- C={r['context']}: {r['memory_over_stride1']:.0f}x" if r["status"] == "ok" else f"- {r}")
+        parts.append("")
+    if rows["quality"]:
+        parts += ["## Quality at equal budget (PTB characters, same tokens for every preset)", "",
+                  "| preset | params | vs full_tiny | valid | test | train tokens/s | peak train MB |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for r in rows["quality"]:
+            if r["status"] != "ok":
+                parts.append(f"| {r['preset']} | {r['status']}: {r.get('error', '')} | | | | | |")
+                continue
+            parts.append(f"| {r['preset']} | {r['params']:,} | {_fmt(r.get('params_vs_full'))} | "
+                         f"{_fmt(r.get('valid'), '.3f')} {r['metric']} | {_fmt(r.get('test'), '.3f')} | "
+                         f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('peak_train_mb'), ',.0f')} |")  # fmt: skip
+        parts.append("")
+    if rows["gpu"]:
+        parts += ["## GPU: bf16 training MFU", ""]
+        for r in rows["gpu"]:
+            if r["status"] == "ok":
+                parts.append(f"- {r['label']}: {r['tokens_per_s']:,.0f} tokens/s, {r['model_tflops']:.1f} TFLOP/s, "
+                             f"MFU {100 * r['mfu']:.1f}% of a measured {r['peak_tflops']:.0f} TFLOP/s bf16 matmul")  # fmt: skip
+            else:
+                parts.append(f"- {r.get('label', 'gpu')}: {r['status']} ({r.get('error', '')})")
+        parts.append("")
+    parts += ["## Goals", "", *goals(rows), ""]
+    return "\n".join(parts)
