@@ -150,6 +150,7 @@ def causal_dot_product_reference(q: Tensor, k: Tensor, v: Tensor, chunk: int) ->
     k_j v_j^T (n x F x E in all: linear in T). Differentiable by autograd, which then stores the C x C
     products and the chunk states; ``CausalDotProduct`` is the same forward with a recomputing backward."""
     T = q.size(-2)
+    chunk = max(1, min(chunk, T))  # a short call (one generated token) is one small chunk, not a padded one
     qc, kc, vc = (_to_chunks(t, chunk) for t in (q, k, v))  # ... x n x C x W
     allowed = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # C x C: j <= i
     intra = (qc @ kc.transpose(-1, -2)).masked_fill(~allowed, 0) @ vc  # ... x n x C x E
@@ -172,7 +173,7 @@ class CausalDotProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, v: Tensor, chunk: int) -> Tensor:
         ctx.save_for_backward(q, k, v)
-        ctx.chunk = chunk
+        ctx.chunk = max(1, min(chunk, q.size(-2)))
         return causal_dot_product_reference(q, k, v, chunk)
 
     @staticmethod
