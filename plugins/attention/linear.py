@@ -185,20 +185,13 @@ class CausalDotProduct(torch.autograd.Function):
             qc, kc, vc, gc = (_to_chunks(t, chunk) for t in (q, k, v, grad.to(v.dtype)))  # ... x n x C x W
             future = ~torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # C x C: j > i
             unflat = lambda x: x.flatten(-3, -2)[..., :T, :]  # noqa: E731  (... x n x C x W -> ... x T x W)
-            dq = dk = dv = None
-            if ctx.needs_input_grad[0]:
-                prefix = _exclusive_cumsum(kc.transpose(-1, -2) @ vc)  # ... x n x F x E
-                intra = (gc @ vc.transpose(-1, -2)).masked_fill(future, 0) @ kc  # [i, j]: g_i . v_j, j <= i
-                dq = unflat(intra + gc @ prefix.transpose(-1, -2))
-            if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-                suffix = _exclusive_cumsum(qc.transpose(-1, -2) @ gc, reverse=True)  # ... x n x F x E
-                past = future.t()  # [j, i]: i < j
-                if ctx.needs_input_grad[1]:
-                    intra = (vc @ gc.transpose(-1, -2)).masked_fill(past, 0) @ qc  # [j, i]: v_j . g_i, i >= j
-                    dk = unflat(intra + vc @ suffix.transpose(-1, -2))
-                if ctx.needs_input_grad[2]:
-                    intra = (kc @ qc.transpose(-1, -2)).masked_fill(past, 0) @ gc  # [j, i]: k_j . q_i, i >= j
-                    dv = unflat(intra + kc @ suffix)
+            gv = (gc @ vc.transpose(-1, -2)).masked_fill(future, 0)  # ... x n x C x C: [i, j] = g_i . v_j, j <= i
+            qk = (qc @ kc.transpose(-1, -2)).masked_fill(future, 0)  # [i, j] = q_i . k_j, j <= i
+            prefix = _exclusive_cumsum(kc.transpose(-1, -2) @ vc)  # ... x n x F x E
+            suffix = _exclusive_cumsum(qc.transpose(-1, -2) @ gc, reverse=True)  # ... x n x F x E
+            dq = unflat(gv @ kc + gc @ prefix.transpose(-1, -2))
+            dk = unflat(gv.transpose(-1, -2) @ qc + vc @ suffix.transpose(-1, -2))
+            dv = unflat(qk.transpose(-1, -2) @ gc + kc @ suffix)
         return dq, dk, dv, None
 
 
@@ -249,7 +242,8 @@ class LinearAttentionConfig(AttentionConfig):
     linear_chunk_size: int = field(
         default=64,
         metadata={"help": "linear attention: positions per chunk of the parallel form (quadratic inside a chunk, "
-                  "a carried state between chunks); changes speed only. 64: our CPU measurement"},
+                  "a carried state between chunks); changes speed only. 64: the fastest of 16-256 on a CPU (head dim 64, "
+                  "4096 positions, forward + backward)"},
     )  # fmt: skip
 
 
