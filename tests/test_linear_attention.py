@@ -160,6 +160,25 @@ def test_decoder_incremental_generation_equals_parallel(lm):
     torch.testing.assert_close(torch.cat(steps, dim=1), parallel, rtol=0, atol=1e-5)
 
 
+def test_beam_search_scores_equal_one_forward(lm, dictionary):
+    """fairseq's SequenceGenerator (beam 3 reorders the states every step) scores each hypothesis as a
+    parallel forward over it does."""
+    from fairseq.sequence_generator import SequenceGenerator
+
+    model = lm(dictionary, attention="linear", linear_chunk_size=2).eval()
+    generator = SequenceGenerator([model], dictionary, beam_size=3, max_len_b=6, min_len=6)
+    prompt = torch.randint(4, len(dictionary), (2, 3))
+    sample = {"net_input": {"src_tokens": prompt, "src_lengths": torch.tensor([3, 3])}}
+    with torch.no_grad():
+        hypos = generator.generate([model], sample, prefix_tokens=prompt)
+        for beam in hypos:
+            for hypo in beam:
+                inp = torch.cat([torch.tensor([dictionary.eos()]), hypo["tokens"][:-1]])[None]  # 1 x T
+                lprobs = model.get_normalized_probs(model(inp), log_probs=True)[0]
+                expected = lprobs.gather(-1, hypo["tokens"][:, None]).squeeze(-1)
+                torch.testing.assert_close(hypo["positional_scores"], expected, rtol=0, atol=1e-5)
+
+
 # ---- causality with several chunks ------------------------------------------------------------------------
 @pytest.mark.parametrize("feature_map", MAPS)
 def test_no_output_depends_on_a_future_position(feature_map):
@@ -256,7 +275,7 @@ def test_favor_projection_is_a_saved_buffer():
 def test_train_eval_lm_and_sample_with_state(data_bin, tmp_path):  # noqa: F811
     """linear_tiny with the state carried across segments (--mem-len 1 is the switch) and NoPE."""
     args = [a if a != "full_tiny" else "linear_tiny" for a in TRAIN]
-    train = fairseq("fairseq-train", data_bin, *args, "--pos-emb", "none", "--mem-len", "1", "--max-update", "20",
+    train = fairseq("fairseq-train", data_bin, *args, "--pos-emb", "none", "--mem-len", "1", "--max-update", "12",
                     "--linear-chunk-size", "8", "--save-dir", tmp_path)  # fmt: skip
     assert "linear" in train.stdout and "LinearAttention" in train.stdout
     valid_bpb = last_valid(train.stdout, "bpb")
