@@ -90,6 +90,9 @@ class Attention(nn.Module):
     supports_incremental: ClassVar[bool] = True  # can decode one token at a time (generation)
     encodes_positions: ClassVar[Tuple[str, ...]] = ()  # --pos-emb values this attention implements itself
     requires_own_positions: ClassVar[bool] = False  # True: only its encodes_positions are valid (e.g. XL)
+    windowed_memory: ClassVar[bool] = True  # memory = exactly the last `keep` positions (False: a summary of
+    # all the past, e.g. linear attention's (S, Z): a positive `keep` only switches it on)
+    exact_softmax: ClassVar[bool] = True  # equals softmax attention (naive) when the parameters match
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig, pos_emb: str = "none"):
         super().__init__()
