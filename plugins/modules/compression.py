@@ -19,7 +19,6 @@ compressing them all at once (what lets generation, one token at a time, match a
 import math
 from typing import Callable, ClassVar, Dict, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
