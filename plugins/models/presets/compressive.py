@@ -6,7 +6,7 @@ Table 3 enwik8, Table 4 WikiText-103, Table 5 the compression-function ablation.
 from fairseq.models import register_model_architecture
 
 from .common import defaults as _defaults
-from .transformer_xl import xl_enwik8_large, xl_tiny, xl_wt103_large
+from .transformer_xl import xl_enwik8_large, xl_small, xl_tiny, xl_wt103_large
 
 
 def _compressive(args, **values):
@@ -21,6 +21,14 @@ def compressive_tiny(args):
     positions): tests and CPU smoke runs (ours)."""
     _compressive(args, mem_len=32, cmem_len=16, compression_rate=4)
     xl_tiny(args)
+
+
+@register_model_architecture("efficient_lm", "compressive_small")
+def compressive_small(args):
+    """xl_small (4 layers x 128) with memory 128 and 32 compressed slots at c = 4: the same span of 256 past
+    positions as xl_small's memory of 256, over 160 keys instead of 256 (ours; the CPU PTB-chars recipe)."""
+    _compressive(args, mem_len=128, cmem_len=32, compression_rate=4)
+    xl_small(args)
 
 
 @register_model_architecture("efficient_lm", "compressive_enwik8")
