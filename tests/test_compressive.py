@@ -15,6 +15,7 @@ Shapes: B = batch, T = segment, M = mem_len, N = cmem_len, c = compression rate,
 
 import argparse
 import io
+import json
 import lzma
 import math
 import os
@@ -564,3 +565,17 @@ def test_recipe_trains_and_evaluates_on_ptb_chars(ptb_chars, tmp_path):
     assert evaluated.returncode == 0, output[-3000:]
     loss = float(re.search(r"Loss \(base 2\): ([\d.]+)", output).group(1))
     assert abs(loss - valid) < 6e-4 and loss < 5.0, (loss, valid)  # log2(50 symbols) = 5.6 bits: it learned
+
+    # the attention analysis on this checkpoint: a PNG and the shares of attention mass per span
+    png = tmp_path / "attention.png"
+    analysis = subprocess.run(
+        [sys.executable, "-m", "recipes.compressive.attention_analysis", "--path", str(tmp_path / "checkpoint_best.pt"),
+         "--data", str(ptb_chars), "--segments", "8", "--bins", "4", "--out", str(png)],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    assert analysis.returncode == 0, analysis.stderr[-3000:]
+    result = json.loads(png.with_suffix(".json").read_text())
+    assert result["segments_counted"] == 8 - 3  # 32 + 16 x 4 past positions: full after 3 segments of 32
+    assert len(result["mass"]) == 2 and all(abs(sum(layer) - 1) < 1e-6 for layer in result["mass"])
+    assert all(min(layer) > 0 for layer in result["mass"])  # every span is attended to
+    assert png.stat().st_size > 10_000
