@@ -175,25 +175,15 @@ class CompressiveAttention(RelativeAttention):
         """Append the segment, evict the overflow beyond ``keep`` in whole blocks of c, compress it (or, bptt,
         keep it pending for the next forward), and track each memory state's attention usage."""
         ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x (M+T) x D
-        T, L = x.size(1), ctx.size(1)
-        overflow = 0 if keep is None else max(L - keep, 0)
+        overflow = 0 if keep is None else max(ctx.size(1) - keep, 0)
         evict = (
             overflow if self.compress is None else self.cfg.compression_rate * (overflow // self.cfg.compression_rate)
         )
         state = CompressiveMemory(ctx[:, evict:], compressed=compressed if self.compress is not None else None)
         if not torch.is_grad_enabled():  # fixed weights: cache the memory's keys and values (as Transformer-XL)
             state.keys, state.values = k[:, :, evict:], v[:, :, evict:]
-        if usage is not None:  # most_used: summed attention and number of queries, per memory state
-            old_usage = getattr(mem, "usage", None)
-            seen = usage.sum(dim=1)  # B x (M+T)
-            views = torch.arange(T, 0, -1, device=x.device, dtype=seen.dtype).expand(x.size(0), T)  # B x T
-            if old_usage is not None:
-                views = torch.cat([mem.views + T, views], dim=1)
-            else:
-                views = torch.cat([seen.new_full((x.size(0), L - T), T), views], dim=1)
-            state.usage, state.views = seen, views  # B x (M+T)
-            if old_usage is not None:
-                state.usage = seen + torch.cat([old_usage, seen.new_zeros(x.size(0), T)], dim=1)
+        if usage is not None:  # most_used
+            state.usage, state.views = self.accumulate_usage(mem, usage)  # B x (M+T)
         evicted = ctx[:, :evict]  # B x E x D, oldest first
         evicted_usage = None if state.usage is None else self.average_usage(state.usage, state.views, evict)
         if state.usage is not None:
@@ -213,6 +203,19 @@ class CompressiveAttention(RelativeAttention):
             state.loss = self.compression_loss(x, old, new)
         state.compressed = torch.cat([compressed, new.detach()], dim=1)[:, -self.cfg.cmem_len :]  # FIFO
         return state
+
+    @staticmethod
+    def accumulate_usage(mem: Optional[HiddenMemory], usage: Tensor) -> Tuple[Tensor, Tensor]:
+        """The attention each position of [memory; segment] has received (summed over queries; ``usage``:
+        this segment's weights averaged over heads, B x T x (M+T)) and from how many queries: every query
+        sees the memory, segment position j is seen by the T - j queries from j on."""
+        B, T, L = usage.shape
+        received = usage.sum(dim=1)  # B x (M+T)
+        views = torch.cat([received.new_full((B, L - T), T), torch.arange(T, 0, -1).to(received)[None].expand(B, T)], 1)
+        if getattr(mem, "usage", None) is not None:  # what the memory positions received before
+            received = received + F.pad(mem.usage, (0, T))
+            views = views + F.pad(mem.views, (0, T))
+        return received, views
 
     @staticmethod
     def average_usage(usage: Optional[Tensor], views: Optional[Tensor], n: int) -> Optional[Tensor]:
