@@ -579,3 +579,17 @@ def test_recipe_trains_and_evaluates_on_ptb_chars(ptb_chars, tmp_path):
     assert len(result["mass"]) == 2 and all(abs(sum(layer) - 1) < 1e-6 for layer in result["mass"])
     assert all(min(layer) > 0 for layer in result["mass"])  # every span is attended to
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.cli
+def test_bad_compression_option_stops_fairseq_train_with_one_line(ptb_chars, tmp_path):
+    proc = subprocess.run(
+        [str(BIN / "fairseq-train"), str(ptb_chars), "--user-dir", str(ROOT / "plugins"), "--task", "segment_lm",
+         "--arch", "compressive_tiny", "--mem-len", "0", "--tokens-per-sample", "32", "--batch-size", "4",
+         "--optimizer", "adam", "--lr", "0.001", "--max-update", "2", "--cpu", "--save-dir", str(tmp_path)],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert lines[-1] == "error: --cmem-len holds states compressed as they leave the memory: it needs --mem-len > 0"
+    assert not list(tmp_path.glob("*.pt"))
