@@ -1,5 +1,5 @@
-"""Where does a trained Compressive Transformer look? (Rae et al. 2020, Sec. 5.5 / Figure 4: average attention
-weight over the compressed memory, the memory and the current segment).
+"""Where does a trained Compressive Transformer look? (Rae et al. 2020, the analysis of attention over the
+memories: average attention weight over the compressed memory, the memory and the current segment).
 
     python -m recipes.compressive.attention_analysis --path CKPT --data DATA-BIN [--split valid]
         [--segments 32] [--bins 8] [--out attention.png]
