@@ -18,7 +18,7 @@ with a gather (the paper's "relative shift", written as an explicit index for cl
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -80,21 +80,32 @@ class RelativeAttention(Attention):
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
         q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
         k, v = self.keys_values(x, mem)  # B x H x S x Dh
-        T, S = q.size(2), k.size(2)
+        out, _ = self.relative_attention(q, k, v, window=keep if self.cfg.same_length else None)
+        return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)
 
-        distance = torch.arange(S - 1, -1, -1, device=x.device)  # S: distance of column s from the last query
+    def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None) -> Tensor:
+        """The position term (b)+(d), scaled, of T queries over the last S keys, -inf where a query may
+        not look (causal; ``window``: only the ``window`` keys up to the query): B x H x T x S."""
+        T, S = q.size(2), num_keys
+        distance = torch.arange(S - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
         if self.cfg.clamp_len > 0:
             distance = distance.clamp(max=self.cfg.clamp_len)
-        r = self.r_proj(self.sinusoid(distance).to(x.dtype))  # S x D
+        r = self.r_proj(self.sinusoid(distance).to(q.dtype))  # S x D
         r = r.view(S, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
         position = torch.einsum("bhtd,hsd->bhts", q + self.v[:, None], r)  # B x H x T x S (by distance)
         position = relative_shift(position) * self.scale  # B x H x T x S (by key)
+        allowed = same_length_mask(T, S, window, q.device) if window else causal_mask(T, S, q.device)
+        return position.masked_fill(~allowed, float("-inf"))
 
-        if self.cfg.same_length and keep:
-            allowed = same_length_mask(T, S, keep, x.device)
-        else:
-            allowed = causal_mask(T, S, x.device)
-        bias = position.masked_fill(~allowed, float("-inf"))
+    def relative_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None, need_weights: bool = False
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """softmax((q + u)^T k * scale + position term) v over the S keys (the queries are the last T):
+        B x H x T x Dh, and the attention weights (B x H x T x S, before dropout) if ``need_weights``."""
+        bias = self.score_bias(q, k.size(2), window)
         p = self.dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q + self.u[:, None], k, v, attn_mask=bias, dropout_p=p)
-        return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)
+        if not need_weights:  # the fused kernel; it does not return the weights
+            return F.scaled_dot_product_attention(q + self.u[:, None], k, v, attn_mask=bias, dropout_p=p), None
+        scores = torch.einsum("bhtd,bhsd->bhts", q + self.u[:, None], k) * self.scale + bias  # B x H x T x S
+        weights = scores.softmax(dim=-1)
+        return F.dropout(weights, p=p) @ v, weights  # B x H x T x Dh

@@ -146,7 +146,22 @@ def validate_config(cfg) -> None:
         raise UserError("--tie-adaptive-weights needs both --adaptive-input and --adaptive-softmax-cutoff")
     if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
         raise UserError("--share-decoder-input-output-embed is for plain embeddings; use --tie-adaptive-weights")
+    _reject_options_of_other_attentions(cfg)
     attention.check_config(cfg)
+
+
+def _reject_options_of_other_attentions(cfg) -> None:
+    """An option that only other mechanisms declare, set away from its default, would be silently ignored
+    (e.g. --cmem-len with --attention relative): say so instead."""
+    own = {f.name for f in dataclasses.fields(ATTENTION_REGISTRY[cfg.attention].config)}
+    for name, entry in sorted(ATTENTION_REGISTRY.items()):
+        for f in dataclasses.fields(entry.config):
+            if f.name not in own and hasattr(cfg, f.name) and getattr(cfg, f.name) != f.default:
+                raise UserError(
+                    f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} is an option of --attention {name} and has "
+                    f"no effect with --attention {cfg.attention}: drop it (or reset the preset's value to "
+                    f"{f.default}), or use --attention {name}"
+                )
 
 
 @register_model("efficient_lm", dataclass=EfficientLMConfig)
