@@ -279,8 +279,6 @@ class LinearAttention(Attention):
                 "--persistent-mem-size is not supported with --attention linear (persistent slots would have to "
                 "enter the state (S, Z) of every sequence); use --attention full"
             )
-        if getattr(cfg, "same_length", False):
-            raise UserError("--same-length is a Transformer-XL window; linear attention's state holds all the past")
         if getattr(cfg, "attention_dropout", 0) > 0:
             logger.warning("--attention linear has no attention weights: --attention-dropout is ignored")
 

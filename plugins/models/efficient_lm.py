@@ -154,14 +154,19 @@ def _reject_options_of_other_attentions(cfg) -> None:
     """An option that only other mechanisms declare, set away from its default, would be silently ignored
     (e.g. --cmem-len with --attention relative): say so instead."""
     own = {f.name for f in dataclasses.fields(ATTENTION_REGISTRY[cfg.attention].config)}
+    declared_by: Dict[str, list] = {}
     for name, entry in sorted(ATTENTION_REGISTRY.items()):
         for f in dataclasses.fields(entry.config):
-            if f.name not in own and hasattr(cfg, f.name) and getattr(cfg, f.name) != f.default:
-                raise UserError(
-                    f"--{f.name.replace('_', '-')} {getattr(cfg, f.name)} is an option of --attention {name} and has "
-                    f"no effect with --attention {cfg.attention}: drop it (or reset the preset's value to "
-                    f"{f.default}), or use --attention {name}"
-                )
+            if f.name not in own:
+                declared_by.setdefault(f.name, [f.default]).append(name)
+    for option, (default, *mechanisms) in declared_by.items():
+        if hasattr(cfg, option) and getattr(cfg, option) != default:
+            owners = "|".join(mechanisms)
+            raise UserError(
+                f"--{option.replace('_', '-')} {getattr(cfg, option)} is an option of --attention {owners} and has "
+                f"no effect with --attention {cfg.attention}: drop it (or reset the preset's value to {default}), "
+                f"or use --attention {owners}"
+            )
 
 
 @register_model("efficient_lm", dataclass=EfficientLMConfig)
