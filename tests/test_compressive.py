@@ -192,17 +192,16 @@ def test_most_used_compresses_the_states_that_received_most_attention():
         _, mem = attn(seen[:, :6], None, keep=M)  # evicts 2
         _, mem = attn(seen[:, 6:], mem, keep=M)  # evicts 6 more
     # the attention every state received from every query that saw it (the explicit weights of each call;
-    # in the second, state 0 or 1, compressed, is one more key that is not a memory state)
+    # in the second, the compressed slot, state 0 or 1, is one more key that is not a memory state)
     received, views = torch.zeros(12, dtype=torch.float64), torch.zeros(12, dtype=torch.float64)
     w1 = hand_weights(attn, seen[:, :6], seen[:, :0]).mean(1)[0]  # T x S, averaged over heads
-    kept_first = [int(received[:0].numel() + (w1.sum(0) / torch.arange(6, 0, -1))[:2].argmax())]
+    kept_first = [int((w1.sum(0) / torch.arange(6, 0, -1))[:2].argmax())]  # 1 of the 2 evicted first
     w2 = hand_weights(attn, seen[:, 6:], torch.cat([seen[:, kept_first], seen[:, 2:6]], dim=1)).mean(1)[0][:, 1:]
     received[:6] += w1.sum(0)
     views[:6] += torch.arange(6, 0, -1)
     received[2:] += w2.sum(0)
     views[2:] += torch.cat([torch.full((4,), 6), torch.arange(6, 0, -1)])
     average = received / views
-    assert kept_first == average[:2].topk(1).indices.tolist()
     second = sorted((2 + average[2:8].topk(3).indices).tolist())
     torch.testing.assert_close(mem.compressed, seen[:, kept_first + second], **EXACT64)
 

@@ -2,12 +2,14 @@
 
 What is measured
     One attention layer in training (forward + backward, the steady state where every segment evicts T
-    states) of two models that see the same span P of past positions:
+    states) of two models that see the same span P of past positions, and a third with the same keys:
 
     - ``xl``: ``--attention relative --mem-len P`` (every past position is a key: P + T keys per query);
     - ``compressive``: ``--attention compressive --mem-len M --cmem-len N --compression-rate c`` with
       M + c N = P (M + N + T keys: the compressed part attends over c x fewer keys), conv compression with
-      its attention-reconstruction loss (the paper's default; its cost is included).
+      its attention-reconstruction loss (the paper's default; its cost is included);
+    - ``xl_same_keys``: ``--attention relative --mem-len M + N`` (as many keys as the compressive model, a
+      shorter span): the difference to it is the cost of compressing and of the compression loss.
 
     Per model: keys per query, attention FLOPs (the two T x S products QK^T and AV plus the relative
     position term, 2 multiply-adds each: ``6 B T S D`` per layer, plus projecting the S - T memory keys and
@@ -65,8 +67,16 @@ def build(a) -> Dict[str, Dict]:
     ct = build_attention(
         "compressive", a.embed_dim, a.heads, 0.0, options(cmem_len=a.cmem_len, compression_rate=a.rate)
     )
+    keys = a.mem_len + a.cmem_len
+    torch.manual_seed(0)
+    xl_keys = build_attention("relative", a.embed_dim, a.heads, 0.0, options())
     return {
-        "xl": {"attn": xl.to(a.device).train(), "keep": span, "desc": f"relative, mem {span}"},
+        "xl": {"attn": xl.to(a.device).train(), "keep": span, "desc": f"relative, mem {span} (same span)"},
+        "xl_same_keys": {
+            "attn": xl_keys.to(a.device).train(),
+            "keep": keys,
+            "desc": f"relative, mem {keys} (same keys, span {keys})",
+        },
         "compressive": {
             "attn": ct.to(a.device).train(),
             "keep": a.mem_len,
@@ -169,8 +179,12 @@ def main(argv: Optional[List[str]] = None) -> None:
                 "peak_mb": peak[name] / 2**20 if name in peak else None,
             }
         )
-    xl, ct = rows
-    paired = statistics.median(x["seconds"] / c["seconds"] for x, c in zip(runs["xl"], runs["compressive"]))
+    xl, same_keys, ct = rows
+
+    def paired_ratio(a_name: str, b_name: str) -> float:  # per repeat (the same load), then the median
+        return statistics.median(x["seconds"] / y["seconds"] for x, y in zip(runs[a_name], runs[b_name]))
+
+    paired = paired_ratio("xl", "compressive")
     lines = [
         f"span {span} past positions, T {a.segment}, D {a.embed_dim}, H {a.heads}, batch {a.batch_size}, "
         f"{a.device}, {a.threads} thread(s), one layer, forward + backward",
@@ -190,7 +204,12 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"state {xl['state_mb'] / ct['state_mb']:.2f}x"
         + (f", peak {xl['peak_mb'] / ct['peak_mb']:.2f}x" if peak else "")
     )
-    table = "\n".join(lines + ["", ratio])
+    overhead = (
+        f"compressive / xl with the same keys (the cost of compressing and of its loss): time "
+        f"{paired_ratio('compressive', 'xl_same_keys'):.2f}x, saved-for-backward memory "
+        f"{ct['saved_mb'] / same_keys['saved_mb']:.2f}x"
+    )
+    table = "\n".join(lines + ["", ratio, overhead])
     print(table)
     (out / f"{stamp}.md").write_text(table + "\n")
     save_record(out, stamp, logs, {"date": stamp, "settings": vars(a), "rows": rows, "paired_time_ratio": paired,
