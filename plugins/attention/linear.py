@@ -216,16 +216,20 @@ def causal_linear_attention(
     with torch.autocast(q.device.type, enabled=False):
         fq, fk = feature_map(q.to(acc), is_query=True), feature_map(k.to(acc), is_query=False)  # B x H x T x F
         v1 = torch.cat([v.to(acc), v.new_ones(v.shape[:-1] + (1,), dtype=acc)], dim=-1)  # B x H x T x E
-        num_den = CausalDotProduct.apply(fq, fk, v1, chunk)  # B x H x T x E
-        past = None
-        if state is not None:
-            past = torch.cat([state.s, state.z.unsqueeze(-1)], dim=-1).to(acc)  # B x H x F x E
-            num_den = num_den + fq @ past
+        past = None if state is None else torch.cat([state.s, state.z.unsqueeze(-1)], dim=-1).to(acc)  # B x H x F x E
+        total = None  # the state after this call: B x H x F x E
+        if q.size(-2) == 1:  # one token (generation): the RNN step of Sec. 3.4, add phi(k) v^T then read
+            total = fk.transpose(-1, -2) @ v1 if past is None else past + fk.transpose(-1, -2) @ v1
+            num_den = fq @ total  # B x H x 1 x E
+        else:
+            num_den = CausalDotProduct.apply(fq, fk, v1, chunk)  # B x H x T x E
+            if past is not None:
+                num_den = num_den + fq @ past
         out = num_den[..., :-1] / (num_den[..., -1:] + EPS)  # B x H x T x Dh
         new_state = None
         if keep != 0:
-            total = fk.transpose(-1, -2) @ v1  # B x H x F x E
-            total = total if past is None else past + total
+            if total is None:
+                total = fk.transpose(-1, -2) @ v1 if past is None else past + fk.transpose(-1, -2) @ v1
             new_state = LinearState(total[..., :-1], total[..., -1])
     return out.to(q.dtype), new_state
 
