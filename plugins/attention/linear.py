@@ -136,11 +136,17 @@ def _to_chunks(x: Tensor, chunk: int) -> Tensor:
 
 def _exclusive_cumsum(states: Tensor, reverse: bool = False) -> Tensor:
     """... x n x F x E -> the sum over the chunks strictly before (``reverse``: after) each chunk."""
-    if reverse:
-        states = states.flip(-3)
-    total = states.cumsum(-3)
-    out = torch.cat([torch.zeros_like(total[..., :1, :, :]), total[..., :-1, :, :]], dim=-3)
-    return out.flip(-3) if reverse else out
+    out = torch.zeros_like(states)
+    if reverse:  # out[c] = sum of states[c + 1 :]
+        out[..., :-1, :, :] = states[..., 1:, :, :].flip(-3).cumsum(-3).flip(-3)
+    else:  # out[c] = sum of states[: c]
+        out[..., 1:, :, :] = states[..., :-1, :, :].cumsum(-3)
+    return out
+
+
+def _add_matmul_(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """out += a @ b over the leading dimensions, in place (no temporary for the product)."""
+    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
 
 
 def causal_dot_product_reference(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> Tensor:
@@ -153,7 +159,7 @@ def causal_dot_product_reference(q: Tensor, k: Tensor, v: Tensor, chunk: int) ->
     chunk = max(1, min(chunk, T))  # a short call (one generated token) is one small chunk, not a padded one
     qc, kc, vc = (_to_chunks(t, chunk) for t in (q, k, v))  # ... x n x C x W
     allowed = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # C x C: j <= i
-    intra = (qc @ kc.transpose(-1, -2)).masked_fill(~allowed, 0) @ vc  # ... x n x C x E
+    intra = (qc @ kc.transpose(-1, -2)).masked_fill_(~allowed, 0) @ vc  # ... x n x C x E
     prefix = _exclusive_cumsum(kc.transpose(-1, -2) @ vc)  # ... x n x F x E
     out = intra + qc @ prefix  # ... x n x C x E
     return out.flatten(-3, -2)[..., :T, :]  # ... x T x E
@@ -184,14 +190,19 @@ class CausalDotProduct(torch.autograd.Function):
         with torch.autocast(grad.device.type, enabled=False):
             qc, kc, vc, gc = (_to_chunks(t, chunk) for t in (q, k, v, grad.to(v.dtype)))  # ... x n x C x W
             future = ~torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # C x C: j > i
-            unflat = lambda x: x.flatten(-3, -2)[..., :T, :]  # noqa: E731  (... x n x C x W -> ... x T x W)
-            gv = (gc @ vc.transpose(-1, -2)).masked_fill(future, 0)  # ... x n x C x C: [i, j] = g_i . v_j, j <= i
-            qk = (qc @ kc.transpose(-1, -2)).masked_fill(future, 0)  # [i, j] = q_i . k_j, j <= i
-            prefix = _exclusive_cumsum(kc.transpose(-1, -2) @ vc)  # ... x n x F x E
+            # in the order that frees each temporary soonest (the backward's peak memory is its temporaries)
+            gv = (gc @ vc.transpose(-1, -2)).masked_fill_(future, 0)  # ... x n x C x C: [i, j] = g_i . v_j, j <= i
+            dq = gv @ kc
+            _add_matmul_(dq, gc, _exclusive_cumsum(kc.transpose(-1, -2) @ vc).transpose(-1, -2))  # prefix states
+            dk = gv.transpose(-1, -2) @ qc
+            del gv
             suffix = _exclusive_cumsum(qc.transpose(-1, -2) @ gc, reverse=True)  # ... x n x F x E
-            dq = unflat(gv @ kc + gc @ prefix.transpose(-1, -2))
-            dk = unflat(gv.transpose(-1, -2) @ qc + vc @ suffix.transpose(-1, -2))
-            dv = unflat(qk.transpose(-1, -2) @ gc + kc @ suffix)
+            _add_matmul_(dk, vc, suffix.transpose(-1, -2))
+            qk = (qc @ kc.transpose(-1, -2)).masked_fill_(future, 0)  # [i, j] = q_i . k_j, j <= i
+            dv = qk.transpose(-1, -2) @ gc
+            del qk
+            _add_matmul_(dv, kc, suffix)
+        dq, dk, dv = (x.flatten(-3, -2)[..., :T, :] for x in (dq, dk, dv))  # ... x T x W
         return dq, dk, dv, None
 
 
@@ -216,16 +227,20 @@ def causal_linear_attention(
     with torch.autocast(q.device.type, enabled=False):
         fq, fk = feature_map(q.to(acc), is_query=True), feature_map(k.to(acc), is_query=False)  # B x H x T x F
         v1 = torch.cat([v.to(acc), v.new_ones(v.shape[:-1] + (1,), dtype=acc)], dim=-1)  # B x H x T x E
-        num_den = CausalDotProduct.apply(fq, fk, v1, chunk)  # B x H x T x E
-        past = None
-        if state is not None:
-            past = torch.cat([state.s, state.z.unsqueeze(-1)], dim=-1).to(acc)  # B x H x F x E
-            num_den = num_den + fq @ past
+        past = None if state is None else torch.cat([state.s, state.z.unsqueeze(-1)], dim=-1).to(acc)  # B x H x F x E
+        total = None  # the state after this call: B x H x F x E
+        if q.size(-2) == 1:  # one token (generation): the RNN step of Sec. 3.4, add phi(k) v^T then read
+            total = fk.transpose(-1, -2) @ v1 if past is None else past + fk.transpose(-1, -2) @ v1
+            num_den = fq @ total  # B x H x 1 x E
+        else:
+            num_den = CausalDotProduct.apply(fq, fk, v1, chunk)  # B x H x T x E
+            if past is not None:
+                num_den = num_den + fq @ past
         out = num_den[..., :-1] / (num_den[..., -1:] + EPS)  # B x H x T x Dh
         new_state = None
         if keep != 0:
-            total = fk.transpose(-1, -2) @ v1  # B x H x F x E
-            total = total if past is None else past + total
+            if total is None:
+                total = fk.transpose(-1, -2) @ v1 if past is None else past + fk.transpose(-1, -2) @ v1
             new_state = LinearState(total[..., :-1], total[..., -1])
     return out.to(q.dtype), new_state
 

@@ -227,6 +227,8 @@ def train_table(results: Dict, lengths: List[int], impls: List[str]) -> str:
 def goals(results: Dict, lengths: List[int], impls: List[str], decode: Dict, a) -> List[str]:
     lin = results["linear"]
     out = []
+    if not lin:  # train part not run
+        lengths = []
     if 1024 in lengths and max(lengths) > 1024:
         top = max(lengths)
         growth = lin[top]["seconds"] / lin[1024]["seconds"]
@@ -236,8 +238,9 @@ def goals(results: Dict, lengths: List[int], impls: List[str], decode: Dict, a) 
             f"linear saved memory({top}) / (1024) = {mem:.1f}; peak MB {lin[1024]['peak_mb']:.0f} -> {lin[top]['peak_mb']:.0f}"
         )
     faster = [n for n in lengths if results["full"][n].get("seconds", 0) > lin[n]["seconds"]]
-    out.append(f"linear faster than full at N = {faster or 'none'}")
-    if "lucidrains" in impls:
+    if lengths:
+        out.append(f"linear faster than full at N = {faster or 'none'}")
+    if "lucidrains" in impls and lengths:
         slower = [
             n
             for n in lengths
@@ -245,7 +248,8 @@ def goals(results: Dict, lengths: List[int], impls: List[str], decode: Dict, a) 
         ]
         out.append(f"linear slower than lucidrains at N = {slower or 'none'}")
     for impl, r in decode.items():
-        out.append(f"{impl} decode ms/token at {a.decode_position} / at 64 = {r[a.decode_position] / r[64]:.2f}")
+        if r:
+            out.append(f"{impl} decode ms/token at {a.decode_position} / at 64 = {r[a.decode_position] / r[64]:.2f}")
     return out
 
 
@@ -254,6 +258,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--quick", action="store_true", help="N up to 4096, fewer repeats (~3 minutes)")
+    p.add_argument("--parts", default="train,decode,generate", help="which of the three measurements to run")
     p.add_argument("--case", nargs=3, metavar=("KIND", "IMPL", "SIZE"), help=argparse.SUPPRESS)  # one subprocess
     add_sized_args(p, SIZES, DEFAULT_OUT, threads=1)
     a = p.parse_args(argv)
@@ -277,28 +282,44 @@ def main(argv=None) -> None:
     if missing:
         print(f"skipping lucidrains (linear-attention-transformer not importable: {missing})")
         impls.remove("lucidrains")
+    parts = a.parts.split(",")
     results = {i: {} for i in impls}
-    for n in a.lengths:  # interleaved: every implementation at one N, then the next N
+    for n in a.lengths if "train" in parts else []:  # interleaved: every implementation at one N, then the next N
         for i in impls:
             results[i][n] = run_case("train", i, n, a, env)
             print(f"train N={n} {i}: {results[i][n]}", flush=True)
     decode = {i: {} for i in ("linear", "full")}
-    for pos in (64, a.decode_position):
+    for pos in (64, a.decode_position) if "decode" in parts else []:
         for i in decode:
             decode[i][pos] = run_case("decode", i, pos, a, env)["ms_per_token"]
             print(f"decode position {pos} {i}: {decode[i][pos]:.3f} ms/token", flush=True)
-    generated = {i: run_case("generate", i, a.generate, a, env)["tokens_per_s"] for i in ("linear", "full")}
+    generated = (
+        {i: run_case("generate", i, a.generate, a, env)["tokens_per_s"] for i in ("linear", "full")}
+        if "generate" in parts
+        else {}
+    )
     report = [
-        f"threads {a.threads}, d_model {D_MODEL}, heads {HEADS}, batch 1, chunk {CHUNK}, torch {torch.__version__}",
-        "", "### One causal attention layer, forward + backward", "", train_table(results, a.lengths, impls),
-        "", "### Generation (one layer, no gradients): ms per token", "",
-        "| position | linear | full | full / linear |", "|---:|---:|---:|---:|",
-        *(f"| {p} | {decode['linear'][p]:.3f} | {decode['full'][p]:.3f} | {decode['full'][p] / decode['linear'][p]:.1f}x |"
-          for p in (64, a.decode_position)),
-        "", f"### Whole model (ptb size), {a.generate} generated tokens", "",
-        *(f"- {i}: {generated[i]:.0f} tokens/s" for i in generated), "", "### Goals", "",
-        *(f"- {g}" for g in goals(results, a.lengths, impls, decode, a)),
-    ]  # fmt: skip
+        f"threads {a.threads}, d_model {D_MODEL}, heads {HEADS}, batch 1, chunk {CHUNK}, torch {torch.__version__}"
+    ]
+    if "train" in parts:
+        report += ["", "### One causal attention layer, forward + backward", "", train_table(results, a.lengths, impls)]
+    if "decode" in parts:
+        report += [
+            "",
+            "### Generation (one layer, no gradients): ms per token",
+            "",
+            "| position | linear | full | full / linear |",
+            "|---:|---:|---:|---:|",
+        ]
+        report += [
+            f"| {p} | {decode['linear'][p]:.3f} | {decode['full'][p]:.3f} | "
+            f"{decode['full'][p] / decode['linear'][p]:.1f}x |"
+            for p in (64, a.decode_position)
+        ]
+    if "generate" in parts:
+        report += ["", f"### Whole model (ptb size), {a.generate} generated tokens", ""]
+        report += [f"- {i}: {generated[i]:.0f} tokens/s" for i in generated]
+    report += ["", "### Goals", "", *(f"- {g}" for g in goals(results, a.lengths, impls, decode, a))]
     text = "\n".join(report)
     print("\n" + text)
     (out / f"{stamp}.md").write_text(text + "\n")
