@@ -90,6 +90,8 @@ class Attention(nn.Module):
     supports_incremental: ClassVar[bool] = True  # can decode one token at a time (generation)
     encodes_positions: ClassVar[Tuple[str, ...]] = ()  # --pos-emb values this attention implements itself
     requires_own_positions: ClassVar[bool] = False  # True: only its encodes_positions are valid (e.g. XL)
+    attends_to_self: ClassVar[bool] = True  # False: a query sees itself only when no other key is allowed
+    deterministic_recompute: ClassVar[bool] = True  # same input + torch RNG state -> same output (--reversible)
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig, pos_emb: str = "none"):
         super().__init__()
