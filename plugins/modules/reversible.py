@@ -19,6 +19,10 @@ masks and LSH rotations (drawn from the same RNG) are identical; autocast is rep
 requires attentions whose output is a function of their input and the RNG state
 (``Attention.deterministic_recompute``), and no memory (``--mem-len``).
 
+With ``--ffn-chunks K`` G is computed, and in the backward pass recomputed and back-propagated, in K
+pieces along the sequence (Sec. 3, "Chunking"): the FFN's B x T x ffn_dim activation then never
+exists for more than one piece.
+
 Without gradients, or with memory/incremental state (generation), the same coupling runs as a plain
 loop (``coupled_layers``): the identical function, with state, and nothing to store.
 
@@ -40,11 +44,22 @@ def attention_branch(layer: DecoderLayer, x: Tensor, mem: Optional[TensorState],
     return layer.dropout(out), new_mem
 
 
-def feedforward_branch(layer: DecoderLayer, x: Tensor) -> Tensor:
-    """G(x) = Drop(FFN(LN(x))), or 0 for a layer without feed-forward."""
+def feedforward_parts(layer: DecoderLayer, x: Tensor) -> Tuple[Tensor, ...]:
+    """x split along T into the ``--ffn-chunks`` pieces G is computed on (one piece without chunking)."""
+    chunks = getattr(layer.ffn, "chunks", 1)
+    return x.chunk(chunks, dim=1) if chunks > 1 and x.size(1) > 1 else (x,)
+
+
+def feedforward_piece(layer: DecoderLayer, x: Tensor) -> Tensor:
+    """G on one piece of the sequence: every operation in it is position-wise."""
     if layer.ffn is None:
         return torch.zeros_like(x)
-    return layer.dropout(layer.ffn(layer.ffn_norm(x)))
+    return layer.dropout(layer.ffn.position_wise(layer.ffn_norm(x)))
+
+
+def feedforward_branch(layer: DecoderLayer, x: Tensor) -> Tensor:
+    """G(x) = Drop(FFN(LN(x))), piece by piece with --ffn-chunks (0 for a layer without feed-forward)."""
+    return torch.cat([feedforward_piece(layer, part) for part in feedforward_parts(layer, x)], dim=1)
 
 
 def coupled_layers(
@@ -114,16 +129,26 @@ class ReversibleStack(torch.autograd.Function):
         with torch.random.fork_rng(devices=devices):  # the caller's RNG is left as it was
             for layer, (rng_f, rng_g) in zip(reversed(ctx.layers), reversed(ctx.rng)):
                 params = [p for p in layer.parameters() if p.requires_grad]
-                # G: recompute from Y1, back-propagate dY2; then X2 = Y2 - G(Y1), dY1 += dG/dY1.
-                y1 = y1.detach().requires_grad_()
+                # G: recompute from Y1 and back-propagate dY2 one --ffn-chunks piece at a time (G is
+                # position-wise, so only one piece's activations exist at once; the pieces draw their
+                # random numbers in the forward order); then X2 = Y2 - G(Y1), dX1 = dY1 + dG/dY1.
                 rng_g.restore()
-                with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
-                    g = feedforward_branch(layer, y1)
-                g_grads = torch.autograd.grad(g, [y1, *params], dy2, allow_unused=True)
-                accumulate(params, g_grads[1:])
+                g_pieces, dg_pieces = [], []
+                for piece, d_piece in zip(feedforward_parts(layer, y1), feedforward_parts(layer, dy2)):
+                    piece = piece.detach().requires_grad_()
+                    with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=autocast):
+                        g = feedforward_piece(layer, piece)
+                    if g.requires_grad:
+                        g_grads = torch.autograd.grad(g, [piece, *params], d_piece, allow_unused=True)
+                        accumulate(params, g_grads[1:])
+                        dg = g_grads[0]
+                    else:  # no feed-forward sublayer: G = 0
+                        dg = torch.zeros_like(piece)
+                    g_pieces.append(g.detach())
+                    dg_pieces.append(dg)
                 with torch.no_grad():
-                    x2 = y2 - g
-                    dx1 = dy1 + g_grads[0]
+                    x2 = y2 - torch.cat(g_pieces, dim=1)
+                    dx1 = dy1 + torch.cat(dg_pieces, dim=1)
                 # F: recompute from X2, back-propagate dX1; then X1 = Y1 - F(X2), dX2 = dY2 + dF/dX2.
                 x2 = x2.detach().requires_grad_()
                 rng_f.restore()
