@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from test_cli import PLUGINS, TRAIN, data_bin, eval_lm_loss, fairseq, last_valid  # noqa: F401 (fixture)
 
 from plugins.attention import build_attention
-from plugins.attention.lsh import SELF_SCORE, LSHAttention, even_buckets
+from plugins.attention.lsh import SELF_SCORE, LSHAttention, SoftmaxAndLogSumExp, even_buckets
 from plugins.errors import UserError
 from plugins.models.efficient_lm import validate_config
 from plugins.modules.feedforward import FeedForward
@@ -55,6 +55,33 @@ def test_one_bucket_is_exact_full_shared_qk_attention(S, bucket, chunk, n_hashes
     attn = lsh(n_hashes, bucket, chunk)
     qk, v = qkv(S)
     torch.testing.assert_close(attn.lsh_attend(qk, v), full_shared_qk(qk, v), rtol=0, atol=1e-10)
+
+
+def test_exact_case_gradients_equal_the_reference():
+    """Through the custom softmax + logsumexp backward (one chunk, padded to its full length)."""
+    attn = lsh(n_hashes=3, bucket_size=8, chunk_size=16)
+    qk, v = qkv(11)
+    qk.requires_grad_(), v.requires_grad_()
+    weights = torch.randn(B, H, 11, Dh, dtype=torch.float64)
+    grads = torch.autograd.grad((attn.lsh_attend(qk, v) * weights).sum(), [qk, v])
+    expected = torch.autograd.grad((full_shared_qk(qk, v) * weights).sum(), [qk, v])
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-10)
+
+
+def test_multi_round_chunked_gradient():
+    """gradcheck of the whole chunked multi-round computation (fixed evaluation hashes), with padding."""
+    attn = lsh(n_hashes=2, bucket_size=4, chunk_size=4)
+    qk, v = (t[:1].clone().requires_grad_() for t in qkv(10))
+    assert torch.autograd.gradcheck(attn.lsh_attend, (qk, v))
+
+
+def test_softmax_and_logsumexp_gradient():
+    scores = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SoftmaxAndLogSumExp.apply, (scores,))
+    weights, lse = SoftmaxAndLogSumExp.apply(scores)
+    torch.testing.assert_close(weights, scores.softmax(-1))
+    torch.testing.assert_close(lse, scores.logsumexp(-1, keepdim=True))
 
 
 def test_many_hashes_approach_full_attention():

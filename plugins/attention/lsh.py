@@ -177,15 +177,15 @@ class LSHAttention(Attention):
         q_bucket = sorted_buckets.view(B, H, R, K, C, 1)
         k_bucket = look_one_back(q_bucket, -1).transpose(-1, -2)  # B x H x R x K x 1 x 2C
 
-        scores = torch.einsum("...cd,...ed->...ce", q, keys) * self.scale  # B x H x R x K x C x 2C
-        scores = scores.masked_fill(k_pos == q_pos, SELF_SCORE)
-        allowed = (k_pos <= q_pos) & (k_bucket == q_bucket)  # self is always allowed: no empty row
+        # The scores are the largest tensor (R x S x 2C per head): modified in place, and only the
+        # softmax weights are kept for the backward pass (softmax_and_logsumexp).
+        scores = torch.einsum("...cd,...ed->...ce", q * self.scale, keys)  # B x H x R x K x C x 2C
+        scores.masked_fill_(k_pos == q_pos, SELF_SCORE)
         if R > 1:
-            scores = scores - self.shared_buckets(buckets, q_pos, k_pos).log().to(scores.dtype)
-        scores = scores.masked_fill(~allowed, float("-inf"))
-
-        lse = scores.logsumexp(dim=-1, keepdim=True)  # B x H x R x K x C x 1
-        weights = F.dropout((scores - lse).exp(), self.dropout, self.training)
+            scores.sub_(self.shared_rounds(buckets, order, R, K, C).log_().to(scores.dtype))
+        scores.masked_fill_((k_pos > q_pos) | (k_bucket != q_bucket), float("-inf"))  # self stays: no empty row
+        weights, lse = SoftmaxAndLogSumExp.apply(scores)  # B x H x R x K x C x {2C, 1}
+        weights = F.dropout(weights, self.dropout, self.training)
         out = weights @ values  # B x H x R x K x C x Dh
 
         # Unsort: drop the padding (the last P - S slots of every round), then slot -> position.
@@ -197,14 +197,31 @@ class LSHAttention(Attention):
         return (round_weights[..., None] * out).sum(dim=2)  # B x H x S x Dh
 
     @staticmethod
-    def shared_buckets(buckets: Tensor, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        """N_ij: in how many rounds query i and key j share a bucket (>= 1 where they are compared in a
-        round of the same bucket). buckets: B x H x R x (S+1); q_pos: ... x C x 1, k_pos: ... x 1 x 2C."""
-        B, H, R, _ = buckets.shape
-        count = torch.zeros(torch.broadcast_shapes(q_pos.shape, k_pos.shape), device=buckets.device)  # float32
-        q_flat, k_flat = q_pos.reshape(B, H, -1), k_pos.reshape(B, H, -1)
-        for r in range(R):  # one round at a time: memory of one score tensor, not R of them
-            b = buckets[:, :, r]  # B x H x (S+1)
-            same = b.gather(-1, q_flat).view(q_pos.shape) == b.gather(-1, k_flat).view(k_pos.shape)
-            count += same
-        return count.clamp(min=1)
+    def shared_rounds(buckets: Tensor, order: Tensor, R: int, K: int, C: int) -> Tensor:
+        """N_ij for every compared pair: in how many rounds query i and key j share a bucket (>= 1 for a
+        pair of the same bucket). buckets: B x H x R x (S+1), order: B x H x R x P -> ... x K x C x 2C."""
+        B, H = buckets.shape[:2]
+        count = None
+        for r in range(R):  # one round at a time: one boolean score-sized tensor, not R of them
+            b = buckets[:, :, r].gather(-1, order.reshape(B, H, -1)).view(B, H, R, K, C, 1)  # round-r buckets
+            same = b == look_one_back(b, -2).transpose(-1, -2)  # ... x C x 2C (padding: never equal)
+            count = same.to(torch.uint8) if count is None else count.add_(same)
+        return count.float()
+
+
+class SoftmaxAndLogSumExp(torch.autograd.Function):
+    """softmax and logsumexp over the last dim, keeping only the softmax for backward (not the scores):
+    d lse / d scores = softmax, so  grad_scores = w * (g_w - sum(g_w * w) + g_lse)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor):
+        lse = scores.logsumexp(dim=-1, keepdim=True)
+        weights = (scores - lse).exp_()
+        ctx.save_for_backward(weights)
+        return weights, lse
+
+    @staticmethod
+    def backward(ctx, grad_weights: Tensor, grad_lse: Tensor):
+        (weights,) = ctx.saved_tensors
+        inner = grad_lse - (grad_weights * weights).sum(dim=-1, keepdim=True)
+        return weights * (grad_weights + inner)
