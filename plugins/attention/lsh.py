@@ -204,9 +204,11 @@ class LSHAttention(Attention):
         count = None
         for r in range(R):  # one round at a time: one boolean score-sized tensor, not R of them
             b = buckets[:, :, r].gather(-1, order.reshape(B, H, -1)).view(B, H, R, K, C, 1)  # round-r buckets
-            same = b == look_one_back(b, -2).transpose(-1, -2)  # ... x C x 2C (padding: never equal)
+            same = b == look_one_back(b, -2).transpose(-1, -2)  # ... x C x 2C (before the first chunk: never)
             count = same.to(torch.uint8) if count is None else count.add_(same)
-        return count.float()
+        # 0 only for pairs of different buckets in every round, which the bucket mask removes anyway;
+        # clamped so that their log stays finite until then
+        return count.float().clamp_(min=1)
 
 
 class SoftmaxAndLogSumExp(torch.autograd.Function):

@@ -4,7 +4,8 @@ What is measured
     1. One attention layer (projections included), forward + backward, d_model 256, 4 heads, batch 1,
        sequence length N = 1024 ... 16384: the median time of ``--repeats`` steps after one warm-up step,
        and the peak memory of the step above the memory held before it (the process's resident-set
-       high-water mark, reset through ``/proc/self/clear_refs`` before the step). Cases: ``full``
+       high-water mark, reset through ``/proc/self/clear_refs`` before the step; glibc's mmap threshold
+       is fixed so that freed tensors leave the resident set). Cases: ``full``
        (PyTorch SDPA, causal), ``lsh`` with 1, 2, 4 hashing rounds (buckets and chunks of 64), and
        reformer-pytorch's ``LSHSelfAttention`` (causal, bucket_size 64, the same rounds) when it imports.
     2. A 12-layer-deep LSH model (d 256, 4 heads, FFN 1024, bytes vocabulary), one training step (forward
@@ -208,6 +209,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     resolve_sizes(a, SIZES)
     out, stamp, logs, env = start_run(a.out, a.threads)
+    # A fixed mmap threshold: glibc then returns every freed block >= 128 KiB to the system at once, so the
+    # resident set follows the live tensors (its default threshold grows with use and keeps freed memory
+    # resident, which would hide a step's allocations from the high-water mark).
+    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     lengths = [n for n in (1024, 2048, 4096, 8192, 16384) if n <= a.max_length]
     hashes = [int(h) for h in a.hashes.split(",")]
