@@ -10,6 +10,7 @@
 Shapes: B = batch, H = heads, S = positions, Dh = head dim, D = model dim.
 """
 
+import argparse
 from types import SimpleNamespace
 
 import pytest
@@ -21,6 +22,7 @@ from plugins.attention import build_attention
 from plugins.attention.lsh import SELF_SCORE, LSHAttention, SoftmaxAndLogSumExp, even_buckets
 from plugins.errors import UserError
 from plugins.models.efficient_lm import validate_config
+from plugins.models.presets.reformer import reformer_enwik8, reformer_tiny
 from plugins.modules.feedforward import FeedForward
 from plugins.modules.reversible import coupled_layers, reversible_layers
 
@@ -296,6 +298,14 @@ def test_reversible_needs_an_attention_that_recomputes_deterministically(monkeyp
     validate_config(lm_config(attention="lsh"))
     with pytest.raises(UserError, match="cannot recompute its output exactly"):
         validate_config(lm_config(attention="lsh", reversible=True, decoder_normalize_before=True))
+
+
+@pytest.mark.parametrize("preset,length", [(reformer_tiny, 32), (reformer_enwik8, 65536)])
+def test_presets_are_valid_configurations(lm_config, preset, length):
+    args = argparse.Namespace()
+    preset(args)
+    assert args.attention == "lsh" and args.reversible
+    validate_config(lm_config(**vars(args), tokens_per_sample=length))
 
 
 # ---- end to end ---------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def reformer_enwik8(args):
     Train with ``--tokens-per-sample 65536``. Differences: every layer is LSH here (the config mixes in
     local chunked attention: [SelfAttention, SelfAttention, LSH, SelfAttention] repeated), positions are
     sinusoidal (the config uses axial position embeddings), and the head dimension is D / heads (the
-    config's d_attention_key is 64)."""
+    config's d_attention_key is 64). ``--ffn-chunks 16`` is ours (the config sets no feed-forward chunking)."""
     _defaults(args, attention="lsh", lsh_n_hashes=2, lsh_bucket_size=128, lsh_chunk_size=256, reversible=True,
               ffn_chunks=16, decoder_layers=12, decoder_embed_dim=1024, decoder_ffn_embed_dim=4096,
               decoder_attention_heads=8, decoder_normalize_before=True, dropout=0.2, attention_dropout=0.2,
