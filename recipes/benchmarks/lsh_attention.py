@@ -200,6 +200,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--quick", action="store_true", help="N up to 4096, model at 2048 (~3 minutes)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--hashes", default="1,2,4", help="LSH rounds to compare")
+    p.add_argument("--lengths", default=None, help="comma-separated N (default: 1024, 2048, ... up to --max-length)")
     p.add_argument("--skip-model", action="store_true", help="only the attention-layer table")
     add_sized_args(p, SIZES, DEFAULT_OUT, threads=1)
     a = p.parse_args(argv)
@@ -215,6 +216,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     lengths = [n for n in (1024, 2048, 4096, 8192, 16384) if n <= a.max_length]
+    if a.lengths:
+        lengths = [int(n) for n in a.lengths.split(",")]
     hashes = [int(h) for h in a.hashes.split(",")]
     missing_peer = peer_available(env)
     if missing_peer:
