@@ -93,6 +93,8 @@ class Attention(nn.Module):
     windowed_memory: ClassVar[bool] = True  # memory = exactly the last `keep` positions (False: a summary of
     # all the past, e.g. linear attention's (S, Z): a positive `keep` only switches it on)
     exact_softmax: ClassVar[bool] = True  # equals softmax attention (naive) when the parameters match
+    attends_to_self: ClassVar[bool] = True  # False: a query sees itself only when no other key is allowed
+    deterministic_recompute: ClassVar[bool] = True  # same input + torch RNG state -> same output (--reversible)
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float, cfg: AttentionConfig, pos_emb: str = "none"):
         super().__init__()

@@ -28,6 +28,7 @@ from ..memory import DecoderState
 from ..modules.decoder_layer import DecoderLayer
 from ..modules.feedforward import FeedForward
 from ..modules.positional import build_positions
+from ..modules.reversible import reversible_layers
 
 logger = logging.getLogger(__name__)
 UNBOUNDED_POSITIONS = 1 << 20  # only learned positions have a table to run out of
@@ -48,6 +49,7 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         self.mem_len = cfg.mem_len
         self.autocast_bf16 = cfg.autocast_bf16
         self.max_target_positions = cfg.max_target_positions
+        self.reversible = cfg.reversible
 
         if cfg.adaptive_input:
             self.embed_tokens = AdaptiveInput(
@@ -98,7 +100,9 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         attention = build_attention(cfg.attention, D, cfg.decoder_attention_heads, cfg.attention_dropout, cfg)
         ffn = None
         if cfg.decoder_ffn_embed_dim > 0:
-            ffn = FeedForward(D, cfg.decoder_ffn_embed_dim, cfg.activation_fn, cfg.activation_dropout)
+            ffn = FeedForward(
+                D, cfg.decoder_ffn_embed_dim, cfg.activation_fn, cfg.activation_dropout, chunks=cfg.ffn_chunks
+            )
         return DecoderLayer(attention, ffn, D, cfg.dropout, cfg.decoder_normalize_before)
 
     # ---- state kept between calls ---------------------------------------------------------------
@@ -188,13 +192,16 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         x = self.dropout(x)
 
         past = [None] * self.num_layers if state is None else state.layers
+        layers = [self.layers[i % len(self.layers)] for i in range(self.num_layers)]
         new_layers, aux = [], {}
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.autocast_bf16):
-            for i in range(self.num_layers):
-                layer = self.layers[i % len(self.layers)]
-                x, mem = layer(x, past[i], keep)
-                new_layers.append(mem)
-                for name, term in layer.attn.aux_losses(mem).items():
+            if self.reversible:  # --reversible: the layers as reversible couplings (modules/reversible.py)
+                x, new_layers = reversible_layers(layers, x, past, keep)
+            for i, layer in enumerate(layers):
+                if not self.reversible:
+                    x, mem = layer(x, past[i], keep)
+                    new_layers.append(mem)
+                for name, term in layer.attn.aux_losses(new_layers[i]).items():
                     aux[name] = term if name not in aux else AuxLoss(aux[name].value + term.value, term.weight)
             if self.final_norm is not None:
                 x = self.final_norm(x)

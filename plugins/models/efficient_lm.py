@@ -82,6 +82,17 @@ class EfficientLMBaseConfig(FairseqDataclass):
         metadata={"help": "run the decoder layers under torch.autocast(bfloat16) on CPU or GPU (fairseq's "
                   "--bf16 means TPU); logits and loss stay float32"},
     )  # fmt: skip
+    reversible: bool = field(
+        default=False,
+        metadata={"help": "reversible residual layers (Reformer Sec. 3): Y1 = X1 + Attn(X2), Y2 = X2 + FFN(Y1); "
+                  "training recomputes activations in the backward pass instead of storing them (needs "
+                  "--decoder-normalize-before, no --mem-len)"},
+    )  # fmt: skip
+    ffn_chunks: int = field(
+        default=1,
+        metadata={"help": "compute the feed-forward in this many chunks along the sequence (Reformer Sec. 3): "
+                  "same output, smaller peak memory when activations are not stored"},
+    )  # fmt: skip
     tokens_per_sample: int = II("task.tokens_per_sample")
     max_target_positions: Optional[int] = II("task.max_target_positions")
 
@@ -147,6 +158,23 @@ def validate_config(cfg) -> None:
     if cfg.share_decoder_input_output_embed and (cfg.adaptive_input or cfg.adaptive_softmax_cutoff):
         raise UserError("--share-decoder-input-output-embed is for plain embeddings; use --tie-adaptive-weights")
     _reject_options_of_other_attentions(cfg)
+    if cfg.ffn_chunks < 1:
+        raise UserError(f"--ffn-chunks must be >= 1 (1: no chunking), got {cfg.ffn_chunks}")
+    if cfg.reversible:
+        if cfg.mem_len > 0:
+            raise UserError(
+                "--reversible recomputes each layer from its outputs and cannot carry a memory: drop --mem-len"
+            )
+        if not cfg.decoder_normalize_before:
+            raise UserError(
+                "--reversible needs pre-norm sublayers (a post-norm residual cannot be inverted): "
+                "add --decoder-normalize-before"
+            )
+        if not attention.deterministic_recompute:
+            raise UserError(
+                f"--attention {cfg.attention} cannot recompute its output exactly in the backward pass: "
+                "drop --reversible"
+            )
     attention.check_config(cfg)
 
 

@@ -1,0 +1,229 @@
+"""LSH attention with shared queries and keys (Kitaev et al. 2020, "Reformer", Sec. 2 and Appendix A).
+
+Shared-QK: one projection gives the queries, and the keys are the unit-normalized queries,
+k_j = q_j / ||q_j|| (Sec. 2, "Shared-QK Transformer"); the values have their own projection.
+
+Angular LSH by random rotations (Sec. 2, "Locality sensitive hashing", after Andoni et al. 2015): for
+n_b buckets draw a random matrix R (Dh x n_b/2) per head and hashing round, and hash
+
+    h(x) = argmax([x R ; -x R])
+
+so that nearby vectors land in the same bucket with high probability. Per round r (``--lsh-n-hashes``
+rounds with independent rotations), positions are sorted by (bucket, position) and the sorted sequence
+is cut into chunks of m = ``--lsh-chunk-size`` positions; each query attends to the keys of its own
+chunk and of the previous chunk (Eq. 5's P~_i) that are
+
+    in the same bucket (Eq. 3's mask m(j, P_i)),  at a position <= its own (causal, by original position),
+
+and never to itself unless nothing else is available (self-attention scores are replaced by -5e4: a
+shared-QK query is always most similar to itself). The rounds are combined with their log-sum-exp
+weights, correcting for keys found in several rounds (Appendix A, Eqs. 6-9):
+
+    s_ij^(r) = q_i . k_j / sqrt(Dh) - log N_ij,   N_ij = #rounds in which i and j share a bucket,
+    o_i = sum_r exp(z_i^(r) - logsumexp_r' z_i^(r')) o_i^(r),   z_i^(r) = logsumexp_j s_ij^(r),
+
+so if every same-bucket key falls into the query's two chunks, o_i is exactly softmax attention over
+the union of its buckets. Sizes: n_b = ceil(S / ``--lsh-bucket-size``) buckets (rounded up to even;
+the bucket size is the *average* bucket size), and a sequence no longer than one chunk gets a single
+bucket and chunk: exact causal shared-QK attention. Longer sequences are padded to whole chunks (the
+padding is masked as a future position).
+
+Rotations are drawn from torch's global RNG in training (a new hash every step, as in the official
+code; ``--reversible`` replays them by restoring the RNG state) and from a fixed-seed generator in
+evaluation, so evaluation is deterministic. Causality: no query ever attends a later position, but
+in the chunked regime (S > chunk) *which* earlier keys share a query's chunks depends on where later
+tokens hash (they move the chunk boundaries). Outputs have zero gradient w.r.t. later tokens, but
+they are not invariant to them; for S <= chunk they are.
+
+Generation: the layer keeps its inputs (``HiddenMemory``) and recomputes LSH attention over the whole
+prefix at every step, so a step's output equals a parallel pass over the same prefix. No segment
+memory (``--mem-len``): ``supports_memory = False``.
+
+Shape legend: B = batch, H = heads, R = hashing rounds, S = positions (past + new when generating),
+T = new positions, Dh = head dim, K = chunks per round, C = chunk size, P = K * C (padded length),
+n_b = buckets.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..memory import HiddenMemory
+from .base import Attention, AttentionConfig, register_attention
+
+SELF_SCORE = -5e4  # self-attention score: ~0 weight unless alone (finite, and representable in fp16)
+EVAL_HASH_SEED = 0  # evaluation hashes with fixed rotations: deterministic scores
+
+
+@dataclass
+class LSHAttentionConfig(AttentionConfig):
+    lsh_n_hashes: int = field(
+        default=2, metadata={"help": "LSH hashing rounds (Reformer Sec. 2; 2 in the official enwik8 config)"}
+    )
+    lsh_bucket_size: int = field(
+        default=64,
+        metadata={"help": "average LSH bucket size: a sequence of S positions is hashed into S / size buckets "
+                  "(rounded up to even)"},
+    )  # fmt: skip
+    lsh_chunk_size: int = field(
+        default=0,
+        metadata={"help": "chunk length m of the sorted sequence; a query attends its chunk and the previous "
+                  "one (0: the bucket size, as in reformer-pytorch; the official enwik8 config uses 2x)"},
+    )  # fmt: skip
+
+
+def even_buckets(length: int, bucket_size: int) -> int:
+    """n_b = ceil(length / bucket_size), rounded up to even (the hash is an argmax over [xR; -xR])."""
+    n = math.ceil(length / bucket_size)
+    return 1 if n <= 1 else n + n % 2
+
+
+def look_one_back(x: Tensor, fill) -> Tensor:
+    """... x K x C x F -> ... x K x 2C x F: each chunk preceded by the previous one (``fill`` before the first)."""
+    prev = torch.cat([torch.full_like(x[..., :1, :, :], fill), x[..., :-1, :, :]], dim=-3)
+    return torch.cat([prev, x], dim=-2)
+
+
+@register_attention("lsh", LSHAttentionConfig)
+class LSHAttention(Attention):
+    supports_memory = False  # hashing needs the whole sequence; a segment memory has no place in the sort
+    attends_to_self = False  # shared-QK: self-attention is masked unless nothing else is available
+
+    def __init__(self, embed_dim, num_heads, dropout, cfg: LSHAttentionConfig, pos_emb: str = "none"):
+        super().__init__(embed_dim, num_heads, dropout, cfg, pos_emb)
+        # Shared-QK: q_proj gives queries and (normalized) keys; the values get their own projection.
+        del self.kv_proj
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.n_hashes = cfg.lsh_n_hashes
+        self.bucket_size = cfg.lsh_bucket_size
+        self.chunk_size = cfg.lsh_chunk_size or cfg.lsh_bucket_size
+        if min(self.n_hashes, self.bucket_size, self.chunk_size) < 1:
+            raise UserError("--lsh-n-hashes, --lsh-bucket-size and --lsh-chunk-size must be positive")
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        n_hashes, bucket, chunk = cfg.lsh_n_hashes, cfg.lsh_bucket_size, cfg.lsh_chunk_size or cfg.lsh_bucket_size
+        if min(n_hashes, bucket) < 1 or chunk < 0:
+            raise UserError("--lsh-n-hashes and --lsh-bucket-size must be positive, --lsh-chunk-size >= 0")
+        if chunk % bucket != 0:
+            raise UserError(
+                f"--lsh-bucket-size {bucket} must divide --lsh-chunk-size {chunk}: a chunk holds whole average "
+                "buckets (e.g. bucket 64, chunk 128)"
+            )
+        T = getattr(cfg, "tokens_per_sample", None)  # an unresolved "${task...}" link outside fairseq
+        if isinstance(T, int) and T > chunk and T % chunk != 0:
+            raise UserError(
+                f"--lsh-chunk-size {chunk} must divide --tokens-per-sample {T} (training segments are cut into "
+                "whole chunks); choose a multiple, or a chunk size >= the segment for exact attention"
+            )
+
+    # ---- hashing --------------------------------------------------------------------------------
+    def rotations(self, n_buckets: int, like: Tensor) -> Tensor:
+        """H x R x Dh x n_b/2 random rotations: global RNG in training, a fixed generator in evaluation."""
+        shape = (self.num_heads, self.n_hashes, self.head_dim, n_buckets // 2)
+        if self.training:
+            return torch.randn(shape, device=like.device, dtype=like.dtype)
+        generator = torch.Generator(device=like.device).manual_seed(EVAL_HASH_SEED)
+        return torch.randn(shape, device=like.device, generator=generator).to(like.dtype)
+
+    def hash(self, qk: Tensor, n_buckets: int) -> Tensor:
+        """B x H x S x Dh -> B x H x R x S bucket ids in [0, n_b)."""
+        rotated = torch.einsum("bhsd,hrdn->bhrsn", qk, self.rotations(n_buckets, qk))  # B x H x R x S x n_b/2
+        return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
+
+    # ---- attention ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
+        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D (generation: the prefix)
+        qk = self.split_heads(self.q_proj(ctx))  # B x H x S x Dh
+        v = self.split_heads(self.v_proj(ctx))  # B x H x S x Dh
+        out = self.lsh_attend(qk, v)[:, :, -x.size(1) :]  # B x H x T x Dh
+        return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep)
+
+    def lsh_attend(self, qk: Tensor, v: Tensor) -> Tensor:
+        """Causal multi-round LSH attention of S shared-QK vectors over themselves: B x H x S x Dh."""
+        B, H, S, _ = qk.shape
+        C = self.chunk_size
+        n_buckets = 1 if S <= C else even_buckets(S, self.bucket_size)
+        if n_buckets == 1:  # one bucket: every round is the same, hash once
+            R, buckets = 1, torch.zeros(B, H, 1, S, dtype=torch.long, device=qk.device)
+        else:
+            R, buckets = self.n_hashes, self.hash(qk, n_buckets)  # B x H x R x S
+        K = math.ceil(S / C)
+        P = K * C
+
+        # Sort every round by (bucket, position); pad to whole chunks with position S (a "future"
+        # position: masked for every real query), which sorts after every real position.
+        pos = torch.arange(S, device=qk.device)
+        order = (buckets * S + pos).argsort(dim=-1)  # B x H x R x S: sorted slot -> position
+        order = F.pad(order, (0, P - S), value=S)  # B x H x R x P
+        buckets = F.pad(buckets, (0, 1), value=-1)  # B x H x R x (S+1): the padding position's bucket
+        sorted_buckets = buckets.gather(-1, order)  # B x H x R x P
+
+        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> B x H x R x K x C x Dh
+            t = F.pad(t, (0, 0, 0, 1))  # B x H x (S+1) x Dh: a zero row for the padding
+            idx = order.reshape(B, H, R * P, 1).expand(-1, -1, -1, t.size(-1))
+            return t.gather(2, idx).view(B, H, R, K, C, t.size(-1))
+
+        q, values = sort(qk), sort(v)
+        keys = look_one_back(F.normalize(q, dim=-1), 0.0)  # B x H x R x K x 2C x Dh
+        values = look_one_back(values, 0.0)
+        q_pos = order.view(B, H, R, K, C, 1)
+        k_pos = look_one_back(q_pos, S).transpose(-1, -2)  # B x H x R x K x 1 x 2C
+        q_bucket = sorted_buckets.view(B, H, R, K, C, 1)
+        k_bucket = look_one_back(q_bucket, -1).transpose(-1, -2)  # B x H x R x K x 1 x 2C
+
+        # The scores are the largest tensor (R x S x 2C per head): modified in place, and only the
+        # softmax weights are kept for the backward pass (softmax_and_logsumexp).
+        scores = torch.einsum("...cd,...ed->...ce", q * self.scale, keys)  # B x H x R x K x C x 2C
+        scores.masked_fill_(k_pos == q_pos, SELF_SCORE)
+        if R > 1:
+            scores.sub_(self.shared_rounds(buckets, order, R, K, C).log_().to(scores.dtype))
+        scores.masked_fill_((k_pos > q_pos) | (k_bucket != q_bucket), float("-inf"))  # self stays: no empty row
+        weights, lse = SoftmaxAndLogSumExp.apply(scores)  # B x H x R x K x C x {2C, 1}
+        weights = F.dropout(weights, self.dropout, self.training)
+        out = weights @ values  # B x H x R x K x C x Dh
+
+        # Unsort: drop the padding (the last P - S slots of every round), then slot -> position.
+        unsort = order[..., :S].argsort(dim=-1)  # B x H x R x S: position -> sorted slot
+        out = out.view(B, H, R, P, -1)[:, :, :, :S]
+        out = out.gather(3, unsort[..., None].expand(-1, -1, -1, -1, out.size(-1)))  # B x H x R x S x Dh
+        lse = lse.view(B, H, R, P)[..., :S].gather(3, unsort)  # B x H x R x S
+        round_weights = lse.softmax(dim=2)  # Appendix A: rounds weighted by their log-sum-exp
+        return (round_weights[..., None] * out).sum(dim=2)  # B x H x S x Dh
+
+    @staticmethod
+    def shared_rounds(buckets: Tensor, order: Tensor, R: int, K: int, C: int) -> Tensor:
+        """N_ij for every compared pair: in how many rounds query i and key j share a bucket (>= 1 for a
+        pair of the same bucket). buckets: B x H x R x (S+1), order: B x H x R x P -> ... x K x C x 2C."""
+        B, H = buckets.shape[:2]
+        count = None
+        for r in range(R):  # one round at a time: one boolean score-sized tensor, not R of them
+            b = buckets[:, :, r].gather(-1, order.reshape(B, H, -1)).view(B, H, R, K, C, 1)  # round-r buckets
+            same = b == look_one_back(b, -2).transpose(-1, -2)  # ... x C x 2C (before the first chunk: never)
+            count = same.to(torch.uint8) if count is None else count.add_(same)
+        # 0 only for pairs of different buckets in every round, which the bucket mask removes anyway;
+        # clamped so that their log stays finite until then
+        return count.float().clamp_(min=1)
+
+
+class SoftmaxAndLogSumExp(torch.autograd.Function):
+    """softmax and logsumexp over the last dim, keeping only the softmax for backward (not the scores):
+    d lse / d scores = softmax, so  grad_scores = w * (g_w - sum(g_w * w) + g_lse)."""
+
+    @staticmethod
+    def forward(ctx, scores: Tensor):
+        lse = scores.logsumexp(dim=-1, keepdim=True)
+        weights = (scores - lse).exp_()
+        ctx.save_for_backward(weights)
+        return weights, lse
+
+    @staticmethod
+    def backward(ctx, grad_weights: Tensor, grad_lse: Tensor):
+        (weights,) = ctx.saved_tensors
+        inner = grad_lse - (grad_weights * weights).sum(dim=-1, keepdim=True)
+        return weights * (grad_weights + inner)
