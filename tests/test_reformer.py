@@ -179,9 +179,10 @@ REVERSIBLE_CASES = {
 
 @pytest.mark.parametrize("attention,dropout,extra", REVERSIBLE_CASES.values(), ids=REVERSIBLE_CASES.keys())
 def test_reversible_gradients_equal_the_plain_computation(lm, attention, dropout, extra):
+    lsh = dict(lsh_bucket_size=4, lsh_chunk_size=4, lsh_n_hashes=2) if attention == "lsh" else {}
     model = lm(attention=attention, reversible=True, decoder_normalize_before=True, decoder_layers=3,
-               dropout=dropout, attention_dropout=dropout, activation_dropout=dropout, lsh_bucket_size=4,
-               lsh_chunk_size=4, lsh_n_hashes=2, tokens_per_sample=16, **extra).train()  # fmt: skip
+               dropout=dropout, attention_dropout=dropout, activation_dropout=dropout, tokens_per_sample=16,
+               **lsh, **extra).train()  # fmt: skip
     x = torch.randn(2, 16, 16)
     out_rev, dx_rev, grads_rev = layer_grads(model, reversible_layers, x, seed=7)
     out, dx, grads = layer_grads(model, coupled_layers, x, seed=7)
