@@ -15,6 +15,9 @@ keys, so early and late positions of a segment are scored with the same context 
 
 The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
 with a gather (the paper's "relative shift", written as an explicit index for clarity).
+
+With ``--persistent-mem-size N`` (``persistent.py``) N learned key/value slots join the keys; they get the
+content term (q_i + u)^T k only.
 """
 
 from dataclasses import dataclass, field
@@ -27,10 +30,11 @@ from torch import Tensor, nn
 from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
+from .persistent import PersistentMemoryConfig
 
 
 @dataclass
-class RelativeAttentionConfig(AttentionConfig):
+class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig):
     clamp_len: int = field(
         default=0,
         metadata={"help": "clamp relative distances to at most this (0: no clamp); Transformer-XL's --clamp_len, "
@@ -95,6 +99,8 @@ class RelativeAttention(Attention):
         else:
             allowed = causal_mask(T, S, x.device)
         bias = position.masked_fill(~allowed, float("-inf"))
+        if self.persistent is not None:  # slots: content term (q_i + u)^T k only, no position, never masked
+            k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S) x Dh
         p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q + self.u[:, None], k, v, attn_mask=bias, dropout_p=p)
         return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)

@@ -119,6 +119,16 @@ def validate_config(cfg) -> None:
             f"{cfg.decoder_embed_dim}; choose heads that divide the model dimension"
         )
     attention = ATTENTION_REGISTRY[cfg.attention].cls
+    persistent = getattr(cfg, "persistent_mem_size", 0)
+    if persistent < 0:
+        raise UserError(f"--persistent-mem-size must be >= 0 (0: no persistent memory), got {persistent}")
+    declared = {f.name for f in dataclasses.fields(ATTENTION_REGISTRY[cfg.attention].config)}
+    if persistent > 0 and "persistent_mem_size" not in declared:
+        supported = sorted(n for n, e in ATTENTION_REGISTRY.items() if "persistent_mem_size" in {f.name for f in dataclasses.fields(e.config)})  # fmt: skip
+        raise UserError(
+            f"--attention {cfg.attention} has no persistent memory: use one of {', '.join(supported)}, "
+            "or drop --persistent-mem-size"
+        )
     if cfg.mem_len > 0 and not attention.supports_memory:
         raise UserError(f"--attention {cfg.attention} cannot attend over a memory; drop --mem-len")
     if cfg.pos_emb in ATTENTION_POSITIONS and cfg.pos_emb not in attention.encodes_positions:
@@ -176,3 +186,8 @@ class EfficientLM(FairseqLanguageModel):
 
     def reset_memory(self, mode: Optional[str] = None) -> None:
         self.decoder.reset_memory(mode)
+
+    def metrics(self) -> Dict[str, float]:
+        """What the attention layers report (``Attention.metrics``, e.g. learned spans), as
+        ``<name>_l<layer>``; logged by the criterion."""
+        return {f"{k}_l{i}": v for i, layer in enumerate(self.decoder.layers) for k, v in layer.attn.metrics().items()}
