@@ -169,20 +169,24 @@ class AdaptiveSpanAttention(Attention):
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
         W = self.window()
-        mem = last_positions(mem, W - 1)  # the first query sees at most W - 1 past positions
+        used = last_positions(mem, W - 1)  # the first query sees at most W - 1 past positions
         q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, mem)  # B x H x S_k x Dh
+        k, v = self.keys_values(x, used)  # B x H x S_k x Dh
         B, H, T, _ = q.shape
         S_k = k.size(2)
-        new_mem = HiddenMemory.extend(mem, x, self.cache_length(keep, W), k, v)
+        if torch.is_grad_enabled():  # training: the cache may exceed the window (buffer); K/V are recomputed
+            new_mem = HiddenMemory.extend(mem, x, self.cache_length(keep, W))
+        else:  # the cache is at most W <= (W - 1) + T positions: all within [used; x], whose K/V are kept
+            new_mem = HiddenMemory.extend(used, x, self.cache_length(keep, W), k, v)
 
         # distance of key j from query t, which sits at key position (S_k - T) + t
         distance = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
         allowed = (distance >= 0) & (distance < W)
+        exact = torch.promote_types(q.dtype, torch.float32)  # the bias in float32 at least (log of the mask)
         by_distance = torch.arange(W, device=x.device)
-        log_mask = log_of(soft_span_mask(self.spans().float(), by_distance, self.ramp))  # H x W
+        log_mask = log_of(soft_span_mask(self.spans().to(exact), by_distance, self.ramp))  # H x W
         position = torch.einsum("bhtd,wd->bhtw", q, self.key_pe[:W].to(q.dtype)) * self.scale  # B x H x T x W
-        bias = position.float() + log_mask[:, None, :]  # B x H x T x W, by distance
+        bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by distance
         index = distance.clamp(0, W - 1).expand(B, H, T, S_k)
         bias = bias.gather(-1, index).masked_fill(~allowed, float("-inf"))  # B x H x T x S_k, by key
         if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
