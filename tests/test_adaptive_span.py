@@ -28,6 +28,7 @@ from plugins.attention.adaptive_span import AdaptiveSpanAttention, soft_span_mas
 from plugins.attention.base import Attention
 from plugins.errors import UserError
 from plugins.models.efficient_lm import validate_config
+from plugins.optim.adagrad_clip import ClippedAdagrad
 from plugins.tasks.segment_lm import SegmentLMTask
 from recipes.adaptive_span.plot_spans import load_checkpoint, load_spans, main
 
@@ -128,6 +129,32 @@ def test_spans_are_reported_per_layer(lm):
     metrics = model.metrics()
     assert metrics["span_l1"] == pytest.approx(24.0) and metrics["span_max_l1"] == pytest.approx(32.0)
     assert metrics["span_l0"] == 0.0
+
+
+def test_clipped_adagrad_is_the_official_update():
+    """Without clipping: torch's Adagrad. With clipping: each tensor's step scaled by min(1, c / ||g||),
+    the squares accumulated unclipped (official adagrad_with_grad_clip.py)."""
+    a, b = torch.randn(5, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    ours, ref, clipped = ([x.clone().requires_grad_() for x in (a, b)] for _ in range(3))
+    opt_ours, opt_ref = ClippedAdagrad(ours, lr=0.1), torch.optim.Adagrad(ref, lr=0.1)
+    opt_clip = ClippedAdagrad(clipped, lr=0.1, grad_clip=0.5)
+    total = [torch.zeros(5, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    expected = [a.clone(), b.clone()]
+    for _ in range(3):
+        grads = [torch.randn(5, dtype=torch.float64) * 3, torch.randn(3, dtype=torch.float64) * 0.01]
+        for params, opt in ((ours, opt_ours), (ref, opt_ref), (clipped, opt_clip)):
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        for i, g in enumerate(grads):
+            total[i] += g * g
+            scale = min(1.0, 0.5 / float(g.norm()))
+            expected[i] -= 0.1 * scale * g / (total[i].sqrt() + 1e-10)
+        for p, r in zip(ours, ref):
+            torch.testing.assert_close(p, r, **EXACT64)
+        for p, e in zip(clipped, expected):
+            torch.testing.assert_close(p.detach(), e, **EXACT64)
+    assert not torch.allclose(clipped[0], ours[0])  # the large gradient was clipped
 
 
 # ---- compute follows the span ----------------------------------------------------------------------

@@ -19,10 +19,11 @@
 # (python -m preprocess.text --level char on the PTB files).
 # Schedule of the official scripts: Adagrad, lr 0.07, linear warmup (32k updates; 8k for WikiText-103,
 # which uses Adam lr 2.5e-4 and clip 1), then constant (here: polynomial_decay with --end-learning-rate =
-# --lr), 64 streams of 512 tokens (256 for WikiText-103). Two differences to know: the official
-# gradient clipping (0.03) is per parameter tensor inside its Adagrad, fairseq's --clip-norm is one global
-# norm; and the official large runs end with a fine-tuning phase at lr/10 (e.g. enwik8_large: 20k more
-# updates): run `train` again with `--lr 0.007 --end-learning-rate 0.007 --max-update <steps + 20000>`.
+# --lr), 64 streams of 512 tokens (256 for WikiText-103). The official Adagrad clips every parameter
+# tensor's gradient norm to 0.03 by scaling its step: --optimizer adagrad_clip (plugins/optim/) does the
+# same (fairseq's --clip-norm clips one global norm). The official large runs end with a fine-tuning phase
+# at lr/10 (e.g. enwik8_large: 20k more updates): run `train` again with
+# `--lr 0.007 --end-learning-rate 0.007 --max-update <steps + 20000> --total-num-update <same>`.
 # Batches are streams over all GPUs: on fewer GPUs keep batch x GPUs x --update-freq.
 # Evaluation: 8 streams (the official --full-eval-mode --batch-sz 8), the memory the model was trained with.
 # Environment: DATA (data dir), SAVE (checkpoint dir), FAIRSEQ_TRAIN / FAIRSEQ_EVAL_LM (commands).
@@ -33,7 +34,7 @@ MODE="${2:?train or eval}"
 shift 2
 
 lr=0.07
-schedule=(--optimizer adagrad --clip-norm 0.03)
+schedule=(--optimizer adagrad_clip --adagrad-clip 0.03)
 case "$EXP" in
   enwik8_small)  data=enwik8; arch=adaptive_span_enwik8_small; tps=512; bsz=64; steps=600000; warmup=32000 ;;
   enwik8_large)  data=enwik8; arch=adaptive_span_enwik8_large; tps=512; bsz=64; steps=150000; warmup=32000 ;;
@@ -44,9 +45,9 @@ case "$EXP" in
   all_attention_wt103) data=wikitext-103; arch=all_attention_wt103; tps=256; bsz=64; steps=800000; warmup=8000
                  lr=0.00025; schedule=(--optimizer adam --adam-betas "(0.9, 0.999)" --clip-norm 1) ;;
   ptb_chars_cpu) data=ptb-chars; arch=adaptive_span_tiny; tps=128; bsz=16; steps=3000; warmup=200
-                 schedule=(--optimizer adagrad --clip-norm 0.03 --cpu) ;;
+                 schedule=(--optimizer adagrad_clip --adagrad-clip 0.03 --cpu) ;;
   ptb_chars_all_attention) data=ptb-chars; arch=all_attention_tiny; tps=128; bsz=16; steps=3000; warmup=200
-                 schedule=(--optimizer adagrad --clip-norm 0.03 --cpu) ;;
+                 schedule=(--optimizer adagrad_clip --adagrad-clip 0.03 --cpu) ;;
   *) echo "error: unknown experiment '$EXP' (see the header of $0)" >&2; exit 2 ;;
 esac
 DATA="${DATA:-$ROOT/data-bin/$data}"
