@@ -51,7 +51,8 @@ def plot(layers: List[List[float]], max_span: int, out: Path, title: Optional[st
     fig, ax = plt.subplots(figsize=(max(6.0, 0.6 * len(layers) + 2), 3.5))
     for h in range(heads):
         xs = [i + (h - (heads - 1) / 2) * width for i in range(len(layers))]
-        ax.bar(xs, [spans[h] for spans in layers], width=width, color=plt.cm.viridis(h / max(heads - 1, 1)))
+        heights = [max(spans[h], 1.0) for spans in layers]  # log axis: spans under one position drawn at 1
+        ax.bar(xs, heights, width=width, color=plt.cm.viridis(h / max(heads - 1, 1)))
     ax.set_xticks(range(len(layers)), [str(i + 1) for i in range(len(layers))])
     ax.set_xlabel("layer")
     ax.set_ylabel("attention span (positions)")
