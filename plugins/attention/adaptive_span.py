@@ -40,6 +40,7 @@ Shapes: B = batch, H = heads, T = queries (segment), M = memory positions used, 
 W = window (keys one query may see, itself included), N = persistent slots, D = model dim, Dh = head dim.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -53,6 +54,7 @@ from ..memory import HiddenMemory
 from .base import Attention, AttentionConfig, AuxLoss, register_attention
 from .persistent import PersistentMemoryConfig
 
+logger = logging.getLogger(__name__)
 SPAN_GRANULARITY = 64  # windows and caches grow in steps of 64 positions (official get_trim_len / get_cache_size)
 
 
@@ -133,6 +135,11 @@ class AdaptiveSpanAttention(Attention):
             raise UserError(f"--span-init is a fraction of --max-span: give a value in [0, 1], got {cfg.span_init}")
         if cfg.span_loss_weight < 0:
             raise UserError(f"--span-loss-weight must be >= 0, got {cfg.span_loss_weight}")
+        if cfg.mem_len < cfg.max_span:
+            logger.warning(
+                f"--mem-len {cfg.mem_len} < --max-span {cfg.max_span}: spans can reach back at most "
+                f"{cfg.mem_len} positions into past segments (the presets set --mem-len to --max-span)"
+            )
 
     def share_with(self, first: "AdaptiveSpanAttention") -> None:
         self.key_pe = first.key_pe  # one position table for the whole model, as in the official code
@@ -162,9 +169,9 @@ class AdaptiveSpanAttention(Attention):
     def aux_losses(self, new_mem) -> Dict[str, AuxLoss]:
         return {"span": AuxLoss(self.spans().mean(), self.cfg.span_loss_weight)}
 
-    def metrics(self) -> Dict[str, float]:
-        spans = self.spans().detach()
-        return {"span": float(spans.mean()), "span_max": float(spans.max())}
+    def metrics(self) -> Dict[str, Tensor]:
+        spans = self.spans().detach()  # kept on the device: no synchronization per step
+        return {"span": spans.mean(), "span_max": spans.max()}
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):

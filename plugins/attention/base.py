@@ -147,9 +147,9 @@ class Attention(nn.Module):
         """Auxiliary losses of this layer's last forward (e.g. a span penalty), name -> AuxLoss."""
         return {}
 
-    def metrics(self) -> Dict[str, float]:
-        """Numbers worth logging during training (e.g. the learned spans), name -> value; the criterion
-        logs them per layer."""
+    def metrics(self) -> Dict[str, Tensor]:
+        """Numbers worth logging during training (e.g. the learned spans), name -> detached scalar tensor
+        (left on its device: no synchronization per step); the criterion logs them per layer."""
         return {}
 
 

@@ -16,6 +16,7 @@ from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqLanguageModel, register_model
 from omegaconf import II
+from torch import Tensor
 
 from ..attention import ATTENTION_REGISTRY, AuxLoss
 from ..errors import UserError
@@ -187,7 +188,7 @@ class EfficientLM(FairseqLanguageModel):
     def reset_memory(self, mode: Optional[str] = None) -> None:
         self.decoder.reset_memory(mode)
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> Dict[str, Tensor]:
         """What the attention layers report (``Attention.metrics``, e.g. learned spans), as
         ``<name>_l<layer>``; logged by the criterion."""
         return {f"{k}_l{i}": v for i, layer in enumerate(self.decoder.layers) for k, v in layer.attn.metrics().items()}
