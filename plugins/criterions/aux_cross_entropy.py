@@ -4,8 +4,8 @@
 
 where ``aux_k`` (a per-token mean, e.g. a compression reconstruction loss or a span penalty) and its
 weight ``w_k`` come from ``model.aux_losses(net_output)``. Every term is logged on its own, and so is
-every number of ``model.metrics()`` in training (e.g. the learned spans of adaptive span, per layer). Losses are
-logged in base 2, as fairseq does, and the derived metric is labelled by the data's unit:
+every number of ``model.metrics()`` in training (e.g. adaptive span's learned spans, per layer). Losses
+are logged in base 2, as fairseq does, and the derived metric is labelled by the data's unit:
 ``bpb`` (bytes, e.g. enwik8), ``bpc`` (characters, e.g. text8) or ``ppl`` (words and subwords).
 """
 

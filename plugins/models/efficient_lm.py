@@ -102,6 +102,11 @@ def _merge_attention_options(base):
 EfficientLMConfig = _merge_attention_options(EfficientLMBaseConfig)
 
 
+def _declares(attention: str, option: str) -> bool:
+    """Whether mechanism ``attention`` declares ``option`` in its config (i.e. supports it)."""
+    return option in {f.name for f in dataclasses.fields(ATTENTION_REGISTRY[attention].config)}
+
+
 def validate_config(cfg) -> None:
     """Reject bad or meaningless combinations before any data is read or weights are built."""
     if cfg.attention not in ATTENTION_REGISTRY:
@@ -123,9 +128,8 @@ def validate_config(cfg) -> None:
     persistent = getattr(cfg, "persistent_mem_size", 0)
     if persistent < 0:
         raise UserError(f"--persistent-mem-size must be >= 0 (0: no persistent memory), got {persistent}")
-    declared = {f.name for f in dataclasses.fields(ATTENTION_REGISTRY[cfg.attention].config)}
-    if persistent > 0 and "persistent_mem_size" not in declared:
-        supported = sorted(n for n, e in ATTENTION_REGISTRY.items() if "persistent_mem_size" in {f.name for f in dataclasses.fields(e.config)})  # fmt: skip
+    if persistent > 0 and not _declares(cfg.attention, "persistent_mem_size"):
+        supported = sorted(name for name in ATTENTION_REGISTRY if _declares(name, "persistent_mem_size"))
         raise UserError(
             f"--attention {cfg.attention} has no persistent memory: use one of {', '.join(supported)}, "
             "or drop --persistent-mem-size"
