@@ -1,8 +1,8 @@
 """Adaptive attention span (Sukhbaatar et al. 2019, "Adaptive Attention Span in Transformers",
-arXiv 1905.07799, Sec. 3.2).
+arXiv 1905.07799, Sec. 2.2 "Adaptive attention span").
 
 Every head h learns its span z_h = s_h * S (s_h in [0, 1] is the parameter, S = ``--max-span``). The
-attention weight of key r for query t (distance x = t - r >= 0) is softly masked (Eq. 3-4)::
+attention weight of key r for query t (distance x = t - r >= 0) is softly masked::
 
     m_z(x) = clamp((R + z - x) / R, 0, 1)                        R = --span-ramp
     a_tr   = m_z(t - r) exp(s_tr) / sum_q m_z(t - q) exp(s_tq)
@@ -80,7 +80,7 @@ class AdaptiveSpanConfig(AttentionConfig, PersistentMemoryConfig):
 
 
 def soft_span_mask(spans: Tensor, distance: Tensor, ramp: int) -> Tensor:
-    """m_z(x) = clamp((R + z - x) / R, 0, 1) (Eq. 4) for spans z (H, in positions) and distances x (W): H x W."""
+    """m_z(x) = clamp((R + z - x) / R, 0, 1) for spans z (H, in positions) and distances x (W): H x W."""
     return ((ramp + spans[:, None] - distance[None, :]) / ramp).clamp(0, 1)
 
 

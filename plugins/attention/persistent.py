@@ -1,5 +1,5 @@
 """Persistent memory: learned key/value slots in every attention (Sukhbaatar et al. 2019, "Augmenting
-Self-attention with Persistent Memory", arXiv 1907.01470, Sec. 4.1, Eq. 7-8).
+Self-attention with Persistent Memory", arXiv 1907.01470).
 
 Every head of every layer gets N learned keys k_1..k_N and values v_1..v_N that are attended by every
 query next to the context keys, in one joint softmax::
@@ -9,7 +9,7 @@ query next to the context keys, in one joint softmax::
 
 The persistent slots carry no position (no position term, no causal or span mask): they are the same
 for every query. With ``--decoder-ffn-embed-dim 0`` they replace the feed-forward sublayer ("all-attention"
-layer, Sec. 4.1); a feed-forward layer is itself an attention over fixed key/value slots (Sec. 4.2).
+layer); the paper shows a feed-forward layer is itself an attention over fixed key/value slots.
 
 Initialization and scaling follow the official code (facebookresearch/adaptive-span persistent_memory.py):
 the parameters are stored divided by sqrt(Dh) (keys) and sqrt(N) (values) and multiplied back in the

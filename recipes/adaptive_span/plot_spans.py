@@ -1,5 +1,5 @@
 """Plot the learned attention span of every head of every layer from a checkpoint (the span-per-head figure
-of Sukhbaatar et al. 2019, arXiv 1905.07799, Fig. 4).
+of Sukhbaatar et al. 2019, arXiv 1905.07799).
 
     python -m recipes.adaptive_span.plot_spans checkpoints/adaptive_span_enwik8_small/checkpoint_best.pt \
         --out spans.png

@@ -7,7 +7,7 @@ What is measured
     - ``full``: every head's span at S (s_h = 1): the window and the cache are S positions, what a
       fixed-span model (or adaptive span without trimming) pays;
     - ``short``: learned short spans, the heads spread geometrically over 64..512 positions (most heads
-      of the paper's trained models, Fig. 4, are that short): the window is the longest span + ramp (32)
+      of the paper's trained models, in its span-per-head figure, are that short): the window is the longest span + ramp (32)
       rounded up to 64, i.e. 576, whatever S is.
 
     Per setting and S: the milliseconds of one evaluation forward (no gradient; the cache holds the layer
