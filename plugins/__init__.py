@@ -10,4 +10,4 @@ from .errors import install_excepthook
 patch_numpy()
 install_excepthook()
 
-from . import attention, criterions, memory, models, modules, tasks  # noqa: E402,F401
+from . import attention, criterions, memory, models, modules, optim, tasks  # noqa: E402,F401

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..memory import HiddenMemory, TensorState
 from ..modules.positional import alibi_bias, rotate
+from .persistent import build_persistent_memory
 
 
 class AuxLoss(NamedTuple):
@@ -107,6 +108,8 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim)
         self.kv_proj = nn.Linear(embed_dim, 2 * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
+        # learned key/value slots (--persistent-mem-size), only for mechanisms whose config declares it
+        self.persistent = build_persistent_memory(cfg, num_heads, self.head_dim)
 
     @property
     def scale(self) -> float:
@@ -149,6 +152,11 @@ class Attention(nn.Module):
         """Auxiliary losses of this layer's last forward (e.g. a span penalty), name -> AuxLoss."""
         return {}
 
+    def metrics(self) -> Dict[str, Tensor]:
+        """Numbers worth logging during training (e.g. the learned spans), name -> detached scalar tensor
+        (left on its device: no synchronization per step); the criterion logs them per layer."""
+        return {}
+
 
 class SoftmaxAttention(Attention):
     """Softmax attention over ``[memory; segment]`` with a ``HiddenMemory`` (Transformer-XL style:
@@ -156,7 +164,9 @@ class SoftmaxAttention(Attention):
     ``attend``, the inner attention ``(q, k, v, bias) -> out`` (fast-transformers' split).
 
     Rotary (``--pos-emb rotary``) and ALiBi (``--pos-emb alibi``) positions are applied here, at the
-    place of each key in the current window, so they remain correct with memory."""
+    place of each key in the current window, so they remain correct with memory. Persistent memory
+    (``--persistent-mem-size``, ``persistent.py``) is prepended to the keys after the positions: the
+    slots have none."""
 
     encodes_positions = ("rotary", "alibi")
 
@@ -171,6 +181,8 @@ class SoftmaxAttention(Attention):
             q, k = rotate(q, key_pos[S - T :]), rotate(k, key_pos)
         elif self.pos_emb == "alibi":
             bias = alibi_bias(self.num_heads, T, S, x.device).to(q.dtype)  # H x T x S
+        if self.persistent is not None:  # slots before the keys: the causal mask stays aligned on the last T
+            k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S) x Dh
         out = self.merge_heads(self.attend(q, k, v, bias))  # B x T x D
         return self.out_proj(out), new_mem
 

@@ -125,6 +125,11 @@ class CompressiveAttention(RelativeAttention):
         if cfg.compression_loss not in COMPRESSION_LOSSES:
             raise UserError(f"unknown --compression-loss '{cfg.compression_loss}': choose one of "
                             f"{', '.join(COMPRESSION_LOSSES)}")  # fmt: skip
+        if cfg.cmem_len > 0 and getattr(cfg, "persistent_mem_size", 0) > 0:
+            raise UserError(
+                "--persistent-mem-size with --cmem-len > 0 is not supported (the compression losses and most_used "
+                "read attention weights over the memories only): drop one of them"
+            )
         if cfg.cmem_len == 0:
             return
         if cfg.mem_len == 0:

@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .base import SoftmaxAttention, causal_mask, register_attention
+from .persistent import PersistentMemoryConfig
 
 
-@register_attention("full")
+@register_attention("full", PersistentMemoryConfig)
 class FullAttention(SoftmaxAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         T, S = q.size(-2), k.size(-2)

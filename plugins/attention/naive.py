@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from .base import SoftmaxAttention, causal_mask, register_attention
+from .persistent import PersistentMemoryConfig
 
 
-@register_attention("naive")
+@register_attention("naive", PersistentMemoryConfig)
 class NaiveAttention(SoftmaxAttention):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None) -> Tensor:
         scores = torch.einsum("bhtd,bhsd->bhts", q, k) * self.scale  # B x H x T x S

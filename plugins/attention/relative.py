@@ -15,6 +15,9 @@ keys, so early and late positions of a segment are scored with the same context 
 
 The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
 with a gather (the paper's "relative shift", written as an explicit index for clarity).
+
+With ``--persistent-mem-size N`` (``persistent.py``) N learned key/value slots join the keys; they get the
+content term (q_i + u)^T k only.
 """
 
 from dataclasses import dataclass, field
@@ -27,10 +30,11 @@ from torch import Tensor, nn
 from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
+from .persistent import PersistentMemoryConfig
 
 
 @dataclass
-class RelativeAttentionConfig(AttentionConfig):
+class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig):
     clamp_len: int = field(
         default=0,
         metadata={"help": "clamp relative distances to at most this (0: no clamp); Transformer-XL's --clamp_len, "
@@ -101,8 +105,13 @@ class RelativeAttention(Attention):
         self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None, need_weights: bool = False
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """softmax((q + u)^T k * scale + position term) v over the S keys (the queries are the last T):
-        B x H x T x Dh, and the attention weights (B x H x T x S, before dropout) if ``need_weights``."""
+        B x H x T x Dh, and the attention weights (B x H x T x S, before dropout) if ``need_weights``.
+        Persistent slots (``--persistent-mem-size``) get the content term only, no position, never masked."""
         bias = self.score_bias(q, k.size(2), window)
+        if self.persistent is not None:
+            if need_weights:
+                raise ValueError("attention weights over persistent slots are not defined here")
+            k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S) x Dh
         p = self.dropout if self.training else 0.0
         if not need_weights:  # the fused kernel; it does not return the weights
             return F.scaled_dot_product_attention(q + self.u[:, None], k, v, attn_mask=bias, dropout_p=p), None

@@ -3,8 +3,9 @@
     loss = sum_t -log p(x_t | x_<t)  +  sample_size * sum_k w_k * aux_k
 
 where ``aux_k`` (a per-token mean, e.g. a compression reconstruction loss or a span penalty) and its
-weight ``w_k`` come from ``model.aux_losses(net_output)``. Every term is logged on its own. Losses are
-logged in base 2, as fairseq does, and the derived metric is labelled by the data's unit:
+weight ``w_k`` come from ``model.aux_losses(net_output)``. Every term is logged on its own, and so is
+every number of ``model.metrics()`` in training (e.g. adaptive span's learned spans, per layer). Losses
+are logged in base 2, as fairseq does, and the derived metric is labelled by the data's unit:
 ``bpb`` (bytes, e.g. enwik8), ``bpc`` (characters, e.g. text8) or ``ppl`` (words and subwords).
 """
 
@@ -51,6 +52,9 @@ class AuxCrossEntropyCriterion(FairseqCriterion):
             loss = loss + term.weight * term.value * sample_size
             logging_output[f"aux_{name}"] = term.value.data * sample_size
         logging_output["loss"] = loss.data
+        if model.training and hasattr(model, "metrics"):  # e.g. learned spans; weighted so workers average
+            for name, value in model.metrics().items():
+                logging_output[f"stat_{name}"] = value * sample_size
         return loss, sample_size, logging_output
 
     def nll_loss(self, model, net_output, target):
@@ -80,6 +84,8 @@ class AuxCrossEntropyCriterion(FairseqCriterion):
         metrics.log_scalar("nll_loss", total("nll_loss") / ntokens / ln2, ntokens, round=3)
         for key in sorted({k for log in logging_outputs for k in log if k.startswith("aux_")}):
             metrics.log_scalar(key, total(key) / sample_size, sample_size, round=4)
+        for key in sorted({k for log in logging_outputs for k in log if k.startswith("stat_")}):
+            metrics.log_scalar(key[len("stat_") :], total(key) / sample_size, sample_size, round=1)
         for unit, metric in UNIT_METRIC.items():
             if total(f"{unit}_tokens") > 0:
                 if metric == "ppl":

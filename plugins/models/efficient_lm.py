@@ -16,6 +16,7 @@ from fairseq import utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqLanguageModel, register_model
 from omegaconf import II
+from torch import Tensor
 
 from ..attention import ATTENTION_REGISTRY, AuxLoss
 from ..errors import UserError
@@ -112,6 +113,11 @@ def _merge_attention_options(base):
 EfficientLMConfig = _merge_attention_options(EfficientLMBaseConfig)
 
 
+def _declares(attention: str, option: str) -> bool:
+    """Whether mechanism ``attention`` declares ``option`` in its config (i.e. supports it)."""
+    return option in {f.name for f in dataclasses.fields(ATTENTION_REGISTRY[attention].config)}
+
+
 def validate_config(cfg) -> None:
     """Reject bad or meaningless combinations before any data is read or weights are built."""
     if cfg.attention not in ATTENTION_REGISTRY:
@@ -130,6 +136,15 @@ def validate_config(cfg) -> None:
             f"{cfg.decoder_embed_dim}; choose heads that divide the model dimension"
         )
     attention = ATTENTION_REGISTRY[cfg.attention].cls
+    persistent = getattr(cfg, "persistent_mem_size", 0)
+    if persistent < 0:
+        raise UserError(f"--persistent-mem-size must be >= 0 (0: no persistent memory), got {persistent}")
+    if persistent > 0 and not _declares(cfg.attention, "persistent_mem_size"):
+        supported = sorted(name for name in ATTENTION_REGISTRY if _declares(name, "persistent_mem_size"))
+        raise UserError(
+            f"--attention {cfg.attention} has no persistent memory: use one of {', '.join(supported)}, "
+            "or drop --persistent-mem-size"
+        )
     if cfg.mem_len > 0 and not attention.supports_memory:
         raise UserError(f"--attention {cfg.attention} cannot attend over a memory; drop --mem-len")
     if cfg.pos_emb in ATTENTION_POSITIONS and cfg.pos_emb not in attention.encodes_positions:
@@ -224,3 +239,8 @@ class EfficientLM(FairseqLanguageModel):
 
     def reset_memory(self, mode: Optional[str] = None) -> None:
         self.decoder.reset_memory(mode)
+
+    def metrics(self) -> Dict[str, Tensor]:
+        """What the attention layers report (``Attention.metrics``, e.g. learned spans), as
+        ``<name>_l<layer>``; logged by the criterion."""
+        return {f"{k}_l{i}": v for i, layer in enumerate(self.decoder.layers) for k, v in layer.attn.metrics().items()}

@@ -164,6 +164,15 @@ class SegmentLMTask(LanguageModelingTask):
             dataset = dataset.with_streams(batch_size)
         return self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size).next_epoch_itr(shuffle=False)  # fmt: skip
 
+    def optimizer_step(self, optimizer, model, update_num):
+        """The step, then every module's ``after_optimizer_step()`` (e.g. adaptive span keeps its span
+        parameters in [0, 1]): fairseq offers plugins no other place that runs after each update."""
+        super().optimizer_step(optimizer, model, update_num)
+        for module in model.modules():
+            hook = getattr(module, "after_optimizer_step", None)
+            if callable(hook):
+                hook()
+
     # No reset in begin_epoch: every batch carries its ``stream_offset`` and the decoder only uses a
     # memory left by the segment ending there, so a new epoch (offset 0) starts afresh while a run
     # resumed mid-epoch keeps the memory restored from its checkpoint.

@@ -1,0 +1,203 @@
+"""Adaptive attention span (Sukhbaatar et al. 2019, "Adaptive Attention Span in Transformers",
+arXiv 1905.07799, Sec. 2.2 "Adaptive attention span").
+
+Every head h learns its span z_h = s_h * S (s_h in [0, 1] is the parameter, S = ``--max-span``). The
+attention weight of key r for query t (distance x = t - r >= 0) is softly masked::
+
+    m_z(x) = clamp((R + z - x) / R, 0, 1)                        R = --span-ramp
+    a_tr   = m_z(t - r) exp(s_tr) / sum_q m_z(t - q) exp(s_tq)
+    s_tr   = (q_t^T k_r + q_t^T p_(t-r)) / sqrt(Dh)
+
+with p_x a learned embedding per distance x = 0 .. S-1 (the official code's ``key_pe``, one table of
+S x Dh shared by all heads and layers). Normalizing after the mask is the same as adding log m_z to the
+scores before the softmax (log 0 = -inf), which is how it is computed here: one fused
+``scaled_dot_product_attention`` call, exactly the paper's equation (the official code multiplies the
+softmax output by the mask and divides by ``sum + 1e-8``). The span loss is the L1 penalty
+``--span-loss-weight * sum over layers of mean_h z_h`` (official ``get_loss``: coefficient x S x mean s),
+returned by ``aux_losses`` as ``span``.
+
+**Compute follows the span.** Only distances x < R + max_h z_h have a nonzero mask. Every forward
+attends to a window of W = that many keys, rounded up to a multiple of 64 and capped at S (the official
+``get_trim_len``), and the memory passed to the next segment is cut to what the window needs, so short
+learned spans mean fewer keys, a smaller cache and less compute, in training and in evaluation/generation:
+
+- the memory (``HiddenMemory``, layer inputs of past positions) is trimmed to the last W - 1 positions
+  before keys and values are computed;
+- the next memory keeps ``min(keep, W)`` positions without gradients (evaluation, generation: the spans
+  are fixed) and ``min(keep, W + 64)`` in training, where the next optimizer step may lengthen the spans
+  (the official ``get_cache_size`` buffer); ``keep`` is the decoder's ``--mem-len`` (``None``: unbounded,
+  when generating). So ``--mem-len`` caps the cache and ``--max-span`` caps the window; the presets set
+  both to S, like the official code, which caches S positions at most.
+
+Deviation from the official code, on purpose: a query also attends to its own position (distance 0,
+like every attention here), so the window is distances 0 .. S-1 where the official one is 1 .. S; the
+i-th most recent key gets the same mask value in both.
+
+The span parameters must stay in [0, 1]: ``after_optimizer_step`` clamps them and ``segment_lm``'s
+``optimizer_step`` calls it after every update (fairseq has no other hook after the step).
+
+Shapes: B = batch, H = heads, T = queries (segment), M = memory positions used, S_k = keys (M + T),
+W = window (keys one query may see, itself included), N = persistent slots, D = model dim, Dh = head dim.
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..memory import HiddenMemory
+from .base import Attention, AttentionConfig, AuxLoss, register_attention
+from .persistent import PersistentMemoryConfig
+
+logger = logging.getLogger(__name__)
+SPAN_GRANULARITY = 64  # windows and caches grow in steps of 64 positions (official get_trim_len / get_cache_size)
+
+
+@dataclass
+class AdaptiveSpanConfig(AttentionConfig, PersistentMemoryConfig):
+    max_span: int = field(
+        default=8192,
+        metadata={"help": "S: the longest span a head can learn, in positions; also the size of the learned "
+                  "position table (official --attn-span, 8192 in experiments/enwik8.sh)"},
+    )  # fmt: skip
+    span_ramp: int = field(
+        default=32, metadata={"help": "R: length of the soft mask's ramp from 1 to 0 (official --adapt-span-ramp)"}
+    )
+    span_init: float = field(
+        default=0.0,
+        metadata={"help": "initial span as a fraction of --max-span, in [0, 1] (official --adapt-span-init)"},
+    )
+    span_loss_weight: float = field(
+        default=2e-6,
+        metadata={"help": "weight of the L1 span penalty (sum over layers of the mean span in positions); "
+                  "official --adapt-span-loss: 2e-6 in experiments/enwik8_small.sh, 5e-7 for the 12/24-layer models"},
+    )  # fmt: skip
+
+
+def soft_span_mask(spans: Tensor, distance: Tensor, ramp: int) -> Tensor:
+    """m_z(x) = clamp((R + z - x) / R, 0, 1) for spans z (H, in positions) and distances x (W): H x W."""
+    return ((ramp + spans[:, None] - distance[None, :]) / ramp).clamp(0, 1)
+
+
+def window_size(longest_span: float, max_span: int, ramp: int) -> int:
+    """Keys a query must see (itself included) so that every nonzero mask value is covered: distances
+    x < R + z, rounded up to a multiple of ``SPAN_GRANULARITY``, at most S."""
+    needed = math.ceil(longest_span + ramp)
+    return max(1, min(max_span, SPAN_GRANULARITY * math.ceil(needed / SPAN_GRANULARITY)))
+
+
+def last_positions(mem: Optional[HiddenMemory], n: int) -> Optional[HiddenMemory]:
+    """The last ``n`` positions of ``mem`` (and of its cached keys/values), or None for n <= 0."""
+    if mem is None or n <= 0:
+        return None
+    if mem.length <= n:
+        return mem
+    keys = None if mem.keys is None else mem.keys[:, :, -n:]  # B x H x n x Dh
+    values = None if mem.values is None else mem.values[:, :, -n:]
+    return HiddenMemory(mem.hidden[:, -n:], keys, values)  # hidden: B x n x D
+
+
+def log_of(mask: Tensor) -> Tensor:
+    """log(mask) with log 0 = -inf and a zero (not NaN) gradient where the mask is 0."""
+    positive = mask > 0
+    return torch.where(positive, mask.clamp_min(torch.finfo(mask.dtype).tiny).log(), float("-inf"))
+
+
+@register_attention("adaptive_span", AdaptiveSpanConfig)
+class AdaptiveSpanAttention(Attention):
+    encodes_positions = ("relative",)  # a learned embedding per distance (not Transformer-XL's sinusoids)
+    requires_own_positions = True
+
+    def __init__(self, embed_dim, num_heads, dropout, cfg: AdaptiveSpanConfig, pos_emb: str = "relative"):
+        super().__init__(embed_dim, num_heads, dropout, cfg, pos_emb)
+        self.max_span, self.ramp = cfg.max_span, cfg.span_ramp
+        self.span_fraction = nn.Parameter(torch.full((num_heads,), float(cfg.span_init)))  # s_h in [0, 1]
+        # p_x for distance x = 0 .. S-1; official key_pe: torch.randn, one table for all layers (share_with)
+        self.key_pe = nn.Parameter(torch.randn(cfg.max_span, self.head_dim))  # S x Dh
+        # False: attend over the whole window S whatever the spans (the reference the tests and the
+        # benchmark compare the trimmed computation with); the result is the same, only slower
+        self.trim_to_span = True
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.max_span <= 0:
+            raise UserError(f"--max-span must be positive, got {cfg.max_span}")
+        if not 0 < cfg.span_ramp <= cfg.max_span:
+            raise UserError(
+                f"--span-ramp {cfg.span_ramp} must be between 1 and --max-span {cfg.max_span} (official: 32)"
+            )
+        if not 0.0 <= cfg.span_init <= 1.0:
+            raise UserError(f"--span-init is a fraction of --max-span: give a value in [0, 1], got {cfg.span_init}")
+        if cfg.span_loss_weight < 0:
+            raise UserError(f"--span-loss-weight must be >= 0, got {cfg.span_loss_weight}")
+        if cfg.mem_len < cfg.max_span:
+            logger.warning(
+                f"--mem-len {cfg.mem_len} < --max-span {cfg.max_span}: spans can reach back at most "
+                f"{cfg.mem_len} positions into past segments (the presets set --mem-len to --max-span)"
+            )
+
+    def share_with(self, first: "AdaptiveSpanAttention") -> None:
+        self.key_pe = first.key_pe  # one position table for the whole model, as in the official code
+
+    # ---- spans ---------------------------------------------------------------------------------
+    def spans(self) -> Tensor:
+        """z_h = s_h * S, in positions (H)."""
+        return self.span_fraction * self.max_span
+
+    def window(self) -> int:
+        """W: keys one query attends to, itself included (the trimmed window, or S untrimmed)."""
+        if not self.trim_to_span:
+            return self.max_span
+        return window_size(float(self.spans().detach().max()), self.max_span, self.ramp)
+
+    def cache_length(self, keep: Optional[int], window: int) -> int:
+        """Positions the next memory keeps: what the window needs (+64 in training, where the next step may
+        lengthen the spans; official get_cache_size), at most ``keep`` (--mem-len; None: no bound)."""
+        needed = window if not torch.is_grad_enabled() else min(self.max_span, window + SPAN_GRANULARITY)
+        return needed if keep is None else min(keep, needed)
+
+    def after_optimizer_step(self) -> None:
+        """Keep s_h in [0, 1] (official ``clamp_param``); called by ``segment_lm`` after every update."""
+        with torch.no_grad():
+            self.span_fraction.clamp_(0.0, 1.0)
+
+    def aux_losses(self, new_mem) -> Dict[str, AuxLoss]:
+        return {"span": AuxLoss(self.spans().mean(), self.cfg.span_loss_weight)}
+
+    def metrics(self) -> Dict[str, Tensor]:
+        spans = self.spans().detach()  # kept on the device: no synchronization per step
+        return {"span": spans.mean(), "span_max": spans.max()}
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
+        W = self.window()
+        used = last_positions(mem, W - 1)  # the first query sees at most W - 1 past positions
+        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
+        k, v = self.keys_values(x, used)  # B x H x S_k x Dh
+        B, H, T, _ = q.shape
+        S_k = k.size(2)
+        if torch.is_grad_enabled():  # training: the cache may exceed the window (buffer); K/V are recomputed
+            new_mem = HiddenMemory.extend(mem, x, self.cache_length(keep, W))
+        else:  # the cache is at most W <= (W - 1) + T positions: all within [used; x], whose K/V are kept
+            new_mem = HiddenMemory.extend(used, x, self.cache_length(keep, W), k, v)
+
+        # distance of key j from query t, which sits at key position (S_k - T) + t
+        distance = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
+        allowed = (distance >= 0) & (distance < W)
+        exact = torch.promote_types(q.dtype, torch.float32)  # the bias in float32 at least (log of the mask)
+        by_distance = torch.arange(W, device=x.device)
+        log_mask = log_of(soft_span_mask(self.spans().to(exact), by_distance, self.ramp))  # H x W
+        position = torch.einsum("bhtd,wd->bhtw", q, self.key_pe[:W].to(q.dtype)) * self.scale  # B x H x T x W
+        bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by distance
+        index = distance.clamp(0, W - 1).expand(B, H, T, S_k)
+        bias = bias.gather(-1, index).masked_fill(~allowed, float("-inf"))  # B x H x T x S_k, by key
+        if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
+            k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S_k) x Dh
+        p = self.dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # B x H x T x Dh
+        return self.out_proj(self.merge_heads(out)), new_mem
