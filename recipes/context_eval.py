@@ -46,8 +46,12 @@ logger = logging.getLogger("context_eval")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--path", required=True, help="checkpoint (.pt) written by fairseq-train")
-    p.add_argument("--data", required=True, help="data-bin directory (fairseq-preprocess output) the model was trained on")
-    p.add_argument("--user-dir", default=str(ROOT / "plugins"), help="fairseq --user-dir (default: this repo's plugins)")
+    p.add_argument(
+        "--data", required=True, help="data-bin directory (fairseq-preprocess output) the model was trained on"
+    )
+    p.add_argument(
+        "--user-dir", default=str(ROOT / "plugins"), help="fairseq --user-dir (default: this repo's plugins)"
+    )
     lengths = p.add_mutually_exclusive_group(required=True)
     lengths.add_argument("--lengths", help="comma-separated evaluation lengths in tokens, e.g. 32,64,128")
     lengths.add_argument("--length-factors", help="comma-separated multiples of the training length, e.g. 0.25,1,4")
@@ -143,6 +147,7 @@ class PositionLoss:
 def token_bits(model, src: torch.Tensor, tgt: torch.Tensor, pad: int, **net_input):
     """B x T loss of every target in bits, and the mask of real (non-pad) targets."""
     net_output = model(src, **net_input)
+    # fairseq's own normalization (adaptive softmax included), in float32 as fairseq-eval-lm's scorer
     lprobs = model.get_normalized_probs(net_output, log_probs=True, sample={"target": tgt}).float()  # B x T x V
     mask = tgt.ne(pad)
     bits = -lprobs.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) / math.log(2)  # B x T
