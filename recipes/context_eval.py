@@ -33,7 +33,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -154,6 +154,10 @@ def token_bits(model, src: torch.Tensor, tgt: torch.Tensor, pad: int, **net_inpu
     return bits.masked_fill(~mask, 0.0), mask.to(bits.dtype)
 
 
+def _pad_to(t: torch.Tensor, width: int, pad: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (0, width - t.size(1)), value=pad)
+
+
 @torch.no_grad()
 def evaluate_windows(model, tokens: np.ndarray, length: int, eos: int, pad: int, device, tokens_per_batch: int):
     """Non-overlapping windows of ``length`` over the eos-prefixed stream, each from an empty context."""
@@ -165,12 +169,8 @@ def evaluate_windows(model, tokens: np.ndarray, length: int, eos: int, pad: int,
     for first in range(0, len(layout), per_batch):
         items = [layout[i] for i in range(first, min(first + per_batch, len(layout)))]
         width = max(item["target"].size(1) for item in items)  # only the last window may be shorter
-
-        def padded(t):
-            return torch.nn.functional.pad(t, (0, width - t.size(1)), value=pad)
-
-        src = torch.cat([padded(item["net_input"]["src_tokens"]) for item in items]).to(device)  # W x L
-        tgt = torch.cat([padded(item["target"]) for item in items]).to(device)
+        src = torch.cat([_pad_to(item["net_input"]["src_tokens"], width, pad) for item in items]).to(device)  # W x L
+        tgt = torch.cat([_pad_to(item["target"], width, pad) for item in items]).to(device)
         acc.add(*token_bits(model, src, tgt, pad))
     return acc.result()
 
