@@ -248,7 +248,7 @@ def run(args) -> dict:
     report = {
         "name": name, "checkpoint": os.path.abspath(args.path), "arch": arch, "data": os.path.abspath(args.data),
         "subset": args.subset, "unit": unit, "metric": metric, "train_length": train_length,
-        "targets": int(len(tokens)), "streams": args.streams, "position_limit": limit, "carries_state": stateful,
+        "params": sum(p.numel() for p in model.parameters()), "targets": int(len(tokens)), "streams": args.streams, "position_limit": limit, "carries_state": stateful,
         "results": results,
     }  # fmt: skip
     if args.out:
