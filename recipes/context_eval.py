@@ -195,7 +195,8 @@ def metric_value(metric: str, loss_bits: float) -> float:
     return 2.0**loss_bits if metric == "ppl" else loss_bits
 
 
-def run(args) -> dict:
+def run(args, argv_command: Optional[list] = None) -> dict:
+    """Evaluate ``args`` (from ``parse_args``); ``argv_command`` is recorded in the report (default: sys.argv)."""
     from plugins.errors import UserError
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
@@ -249,7 +250,7 @@ def run(args) -> dict:
         "name": name, "checkpoint": os.path.abspath(args.path), "arch": arch, "data": os.path.abspath(args.data),
         "subset": args.subset, "unit": unit, "metric": metric, "train_length": train_length,
         "params": sum(p.numel() for p in model.parameters()), "targets": int(len(tokens)), "streams": args.streams, "position_limit": limit, "carries_state": stateful,
-        "results": results,
+        "results": results, "command": sys.argv[1:] if argv_command is None else argv_command,
     }  # fmt: skip
     if args.out:
         write_outputs(report, Path(args.out))

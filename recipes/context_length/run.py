@@ -109,50 +109,64 @@ def train_command(data: Path, save: Path, args_model: list, train_length: int, a
     ]  # fmt: skip
 
 
-def train_all(jobs: list, parallel: int) -> None:
-    """Run the training commands, ``parallel`` at a time (one thread each); skip finished ones."""
+def run_parallel(tasks: list, parallel: int, what: str) -> None:
+    """Run (job, command, log file) tasks, ``parallel`` at a time, one thread each."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    pending = [j for j in jobs if not (j["save"] / "checkpoint_last.pt").exists()]
-    running = []
+    pending, running = list(tasks), []
     while pending or running:
         while pending and len(running) < parallel:
-            job = pending.pop(0)
-            job["save"].mkdir(parents=True, exist_ok=True)
-            print("train:", " ".join(job["cmd"]), flush=True)
-            log = open(job["save"] / "train.log", "w")
-            running.append((job, subprocess.Popen(job["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT),
-                            log, time.time()))  # fmt: skip
+            job, cmd, log_path = pending.pop(0)
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"{what}:", " ".join(map(str, cmd)), flush=True)
+            log = open(log_path, "w")
+            proc = subprocess.Popen([str(c) for c in cmd], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+            running.append((job, proc, log, log_path, time.time()))
         time.sleep(1)
         for entry in list(running):
-            job, proc, log, start = entry
+            job, proc, log, log_path, start = entry
             if proc.poll() is not None:
                 log.close()
                 running.remove(entry)
-                status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {job['save']}/train.log"
-                print(f"  {job['dataset']}/{job['model']}: {status} in {time.time() - start:.0f} s", flush=True)
+                status = "done" if proc.returncode == 0 else f"FAILED ({proc.returncode}), see {log_path}"
+                print(f"  {what} {job['dataset']}/{job['model']}: {status} in {time.time() - start:.0f} s", flush=True)
 
 
-def evaluate(job: dict, a) -> dict:
-    from recipes import context_eval
+def train_all(jobs: list, parallel: int) -> None:
+    """Train every model that has no checkpoint yet."""
+    todo = [j for j in jobs if not (j["save"] / "checkpoint_last.pt").exists()]
+    run_parallel([(j, j["cmd"], j["save"] / "train.log") for j in todo], parallel, "train")
 
-    cached = job["save"] / "context_eval" / "context_eval.json"
-    checkpoint = job["save"] / "checkpoint_last.pt"
-    if cached.exists() and cached.stat().st_mtime > checkpoint.stat().st_mtime:
-        report = json.loads(cached.read_text())
-        if report.get("length_factors") == a.length_factors and report.get("max_tokens") == a.eval_max_tokens:
-            return report
 
-    argv = ["--path", str(job["save"] / "checkpoint_last.pt"), "--data", str(job["data"]), "--length-factors",
-            a.length_factors, "--mode", "both", "--subset", a.subset, "--streams", str(a.streams),
-            "--name", job["model"], "--out", str(job["save"] / "context_eval")]  # fmt: skip
+def eval_command(job: dict, a) -> list:
+    cmd = [sys.executable, "-m", "recipes.context_eval", "--path", str(job["save"] / "checkpoint_last.pt"),
+           "--data", str(job["data"]), "--length-factors", a.length_factors, "--mode", "both", "--subset", a.subset,
+           "--streams", str(a.streams), "--name", job["model"], "--out", str(job["save"] / "context_eval")]  # fmt: skip
     if a.eval_max_tokens:
-        argv += ["--max-tokens", str(a.eval_max_tokens)]
-    if a.cpu:
-        argv.append("--cpu")
-    report = context_eval.run(context_eval.parse_args(argv))  # also writes its JSON, table and plot
-    report.update(length_factors=a.length_factors, max_tokens=a.eval_max_tokens)
-    cached.write_text(json.dumps(report, indent=1))
-    return report
+        cmd += ["--max-tokens", str(a.eval_max_tokens)]
+    return cmd + (["--cpu"] if a.cpu else [])
+
+
+def evaluate_all(jobs: list, a) -> dict:
+    """context_eval of every trained model (``parallel`` at a time, one thread each); an evaluation newer
+    than its checkpoint with the same command is reused."""
+    for job in jobs:
+        job["eval_cmd"] = eval_command(job, a)
+        job["report"] = job["save"] / "context_eval" / "context_eval.json"
+    todo = []
+    for job in jobs:
+        if not (job["save"] / "checkpoint_last.pt").exists():
+            continue
+        report = job["report"]
+        if report.exists() and report.stat().st_mtime > (job["save"] / "checkpoint_last.pt").stat().st_mtime:
+            if json.loads(report.read_text()).get("command") == job["eval_cmd"][3:]:
+                continue
+        todo.append(job)
+    run_parallel([(job, job["eval_cmd"], job["save"] / "context_eval.log") for job in todo], a.parallel, "eval")
+    reports = {}
+    for job in jobs:
+        if job["report"].exists():
+            reports.setdefault(job["dataset"], {})[job["model"]] = json.loads(job["report"].read_text())
+    return reports
 
 
 def write_summary(reports: dict, out: Path) -> None:
@@ -251,10 +265,7 @@ def main(argv=None) -> None:
     start = time.time()
     train_all(jobs, a.parallel)
     print(f"training: {time.time() - start:.0f} s", flush=True)
-    reports = {}
-    for job in jobs:
-        if (job["save"] / "checkpoint_last.pt").exists():
-            reports.setdefault(job["dataset"], {})[job["model"]] = evaluate(job, a)
+    reports = evaluate_all(jobs, a)
     write_summary(reports, out)
     print((out / "results.md").read_text())
     print(f"total: {time.time() - start:.0f} s; figure: {out / 'context_length.png'}")
