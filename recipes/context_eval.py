@@ -287,6 +287,20 @@ def write_outputs(report: dict, out: Path) -> None:
     plot_position_loss(report, out / "position_loss.png")
 
 
+def binned_curve(loss: list, count: list, bins: int = 24):
+    """(positions, mean loss) over log-spaced bins of positions 1..L, count-weighted (the raw curve of a
+    short test set is noise at large positions, where every position has few samples)."""
+    loss, count = np.asarray(loss), np.asarray(count)
+    edges = np.unique(np.round(np.geomspace(1, len(loss) + 1, bins + 1)).astype(int))
+    xs, ys = [], []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        n = count[lo - 1 : hi - 1].sum()
+        if n > 0:
+            xs.append(float(np.sqrt(lo * (hi - 1))) if hi - 1 > lo else float(lo))
+            ys.append(float((loss[lo - 1 : hi - 1] * count[lo - 1 : hi - 1]).sum() / n))
+    return xs, ys
+
+
 def plot_position_loss(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -298,10 +312,11 @@ def plot_position_loss(report: dict, path: Path) -> None:
     for ax, mode in zip(axes[0], modes):
         for r in report["results"]:
             if r["mode"] == mode and "loss" in r:
-                ax.plot(range(1, len(r["position_loss"]) + 1), r["position_loss"], label=f"L={r['length']}", lw=1)
+                ax.plot(*binned_curve(r["position_loss"], r["position_count"]), label=f"L={r['length']}", lw=1)
         ax.set_xscale("log")
         ax.axvline(report["train_length"], color="gray", ls=":", lw=1)
-        ax.set_xlabel("position in the window (tokens seen + 1)" if mode == "window" else "position in the segment")
+        where = "window (tokens seen + 1)" if mode == "window" else "segment"
+        ax.set_xlabel(f"position in the {where}, log-spaced bins")
         ax.set_ylabel(f"mean loss (bits per {report['unit']})")
         ax.set_title(f"{report['name']}: {mode}")
         ax.legend(fontsize=7)
