@@ -1,10 +1,11 @@
 """The context-length study (issue 11): train every model family at one context length, evaluate it at others.
 
-    python -m recipes.context_length.run                       # the whole study (PTB words + chars, ~1 h, 2 cores)
-    python -m recipes.context_length.run --datasets ptb_chars --size tiny --max-update 300 --out runs/ctx
+    python -m recipes.context_length.run        # the whole study: PTB words + chars, 500 updates per model
+    python -m recipes.context_length.run --datasets ptb_chars --size tiny --train-length 64 --max-update 400 \
+        --eval-max-tokens 10000 --out runs/ctx     # the reduced run of the README
 
 For every dataset (PTB words and PTB characters, binarized from ../shared/data when missing) it trains, at
-one training length and matched parameter count, with ``fairseq-train`` on ``segment_lm``:
+one training length and matched parameter count (the Universal Transformer: matched FLOPs, fewer parameters), with ``fairseq-train`` on ``segment_lm``:
 
 | model | what | sees the past through |
 |---|---|---|
@@ -226,7 +227,7 @@ def main(argv=None) -> None:
     p.add_argument("--models", default=None, help=f"comma-separated subset of: {', '.join(all_models())}")
     p.add_argument("--size", choices=sorted(SIZES), help="model size for every dataset (default: per dataset)")
     p.add_argument("--train-length", type=int, help="training length (default: 128 chars, 32 words)")
-    p.add_argument("--max-update", type=int, default=1000, help="updates per model")
+    p.add_argument("--max-update", type=int, default=500, help="updates per model")
     p.add_argument("--batch-size", type=int, default=16, help="streams per batch")
     p.add_argument("--lr", type=float, default=0.002, help="Adam peak learning rate (cosine decay, 10%% warmup)")
     p.add_argument(
