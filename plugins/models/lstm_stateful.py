@@ -73,7 +73,8 @@ class StatefulLSTMDecoder(StreamStateMixin, FairseqIncrementalDecoder):
         self.reset_every_segment = cfg.reset_state_every_segment
         self.embed_tokens = nn.Embedding(V, E, padding_idx=self.padding_idx)
         # N(0, 1/E) as efficient_lm's embeddings: with tied weights, Zaremba et al.'s U(-0.1, 0.1) kept a
-        # small char model on the unigram plateau ~100 updates longer (probe in the README's study section)
+        # small char model on the unigram plateau longer (2 x 77 on PTB chars, Adam 0.002, 150 updates:
+        # 4.26 bpc with U(-0.1, 0.1), 3.65 with N(0, 1/E))
         nn.init.normal_(self.embed_tokens.weight, std=E**-0.5)
         nn.init.zeros_(self.embed_tokens.weight[self.padding_idx])
         self.dropout = nn.Dropout(cfg.dropout)

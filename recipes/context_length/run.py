@@ -5,7 +5,7 @@
         --eval-max-tokens 10000 --out runs/ctx     # the reduced run of the README
 
 For every dataset (PTB words and PTB characters, binarized from ../shared/data when missing) it trains, at
-one training length and matched parameter count (the Universal Transformer: matched FLOPs, fewer parameters), with ``fairseq-train`` on ``segment_lm``:
+one training length and matched parameter count (except the Universal Transformer: one shared layer, fewer parameters), with ``fairseq-train`` on ``segment_lm``:
 
 | model | what | sees the past through |
 |---|---|---|
