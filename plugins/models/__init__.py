@@ -1,1 +1,1 @@
-from . import efficient_lm, presets  # noqa: F401  (presets register architectures of efficient_lm)
+from . import efficient_lm, lstm_stateful, presets  # noqa: F401  (presets register architectures)

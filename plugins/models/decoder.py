@@ -15,7 +15,7 @@ Shape legend: B = batch (streams), T = segment length, D = model dim, V = vocabu
 
 import logging
 import math
-from typing import Dict, List, Optional
+from typing import Optional
 
 import torch
 from fairseq import options
@@ -27,20 +27,17 @@ from ..attention import AuxLoss, build_attention
 from ..memory import DecoderState
 from ..modules.decoder_layer import DecoderLayer
 from ..modules.feedforward import FeedForward
-from ..modules.positional import build_positions
+from ..modules.positional import SinusoidalPositions, build_positions
 from ..modules.reversible import reversible_layers
+from .stream_state import StreamStateMixin
 
 logger = logging.getLogger(__name__)
 UNBOUNDED_POSITIONS = 1 << 20  # only learned positions have a table to run out of
 
 
-def _data_parallel() -> List[int]:
-    if not torch.distributed.is_initialized():
-        return [0, 1]
-    return [torch.distributed.get_rank(), torch.distributed.get_world_size()]
+class EfficientDecoder(StreamStateMixin, FairseqIncrementalDecoder):
+    stream_state_type = DecoderState
 
-
-class EfficientDecoder(FairseqIncrementalDecoder):
     def __init__(self, cfg, dictionary):
         super().__init__(dictionary)
         D = cfg.decoder_embed_dim
@@ -70,6 +67,9 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         self.layers = nn.ModuleList(
             [self.build_layer(cfg) for _ in range(1 if cfg.share_layers else cfg.decoder_layers)]
         )
+        # --share-layers-timestep-emb: the Universal Transformer's timestep signal (Dehghani et al. 2019,
+        # Sec. 2.1, "coordinate embeddings"): a sinusoid of the recurrence step t, added before every step.
+        self.timestep_emb = SinusoidalPositions(D) if getattr(cfg, "share_layers_timestep_emb", False) else None
         self.final_norm = nn.LayerNorm(D) if cfg.decoder_normalize_before else None
 
         self.adaptive_softmax = None
@@ -91,7 +91,7 @@ class EfficientDecoder(FairseqIncrementalDecoder):
         for layer in self.layers[1:]:
             layer.attn.share_with(self.layers[0].attn)  # e.g. Transformer-XL's global position biases
 
-        self.stream_memory: Dict[str, DecoderState] = {}
+        self.init_stream_state()
         self._warned_no_streams = False
 
     @staticmethod
@@ -105,32 +105,10 @@ class EfficientDecoder(FairseqIncrementalDecoder):
             )
         return DecoderLayer(attention, ffn, D, cfg.dropout, cfg.decoder_normalize_before)
 
-    # ---- state kept between calls ---------------------------------------------------------------
-    def reset_memory(self, mode: Optional[str] = None) -> None:
-        """Forget the stream memory of ``mode`` ("train" / "eval"), or of both."""
-        if mode is None:
-            self.stream_memory.clear()
-        else:
-            self.stream_memory.pop(mode, None)
-
-    def get_extra_state(self) -> dict:
-        """Saved in checkpoints: the training memory, so a resumed run continues exactly. Each process
-        holds its own streams; only the saving process's memory is kept (tagged with its rank)."""
-        state = self.stream_memory.get("train")
-        return {"train_memory": None if state is None else state.to_dict(), "rank": _data_parallel()}
-
-    def upgrade_state_dict_named(self, state_dict, name):
-        """Checkpoints saved before the memory was part of the state dict load with no memory."""
-        state_dict.setdefault(f"{name}._extra_state" if name else "_extra_state", {"train_memory": None})
-        return super().upgrade_state_dict_named(state_dict, name)
-
-    def set_extra_state(self, extra: dict) -> None:
-        self.stream_memory.clear()
-        if extra and extra.get("train_memory") is not None:
-            if extra.get("rank") == _data_parallel():
-                self.stream_memory["train"] = DecoderState.from_dict(extra["train_memory"])
-            else:
-                logger.warning("checkpoint memory belongs to another worker: this worker's streams start afresh")
+    # ---- state kept between calls: reset_memory, get/set_extra_state come from StreamStateMixin --------
+    @property
+    def carries_state(self) -> bool:
+        return self.mem_len > 0
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
         state = self.get_incremental_state(incremental_state, "state")
@@ -164,14 +142,9 @@ class EfficientDecoder(FairseqIncrementalDecoder):
             # Contiguous streams (segment_lm): continue from the previous segment of the same streams.
             # The memory is valid only where it ended: a new epoch or pass (offset 0), another stream
             # layout or a skipped segment start afresh, and a resumed run continues exactly.
-            mode = "train" if self.training else "eval"
-            state = self.stream_memory.get(mode)
-            if state is not None and (state.position != stream_offset or state.batch_size != tokens.size(0)):
-                state = None
-            if state is not None and state.device != tokens.device:  # restored from a CPU-loaded checkpoint
-                state = state.to(tokens.device)
+            state = self.previous_stream_state(tokens, stream_offset)
             x, state, aux = self.run(tokens, state, keep=self.mem_len, start=stream_offset)
-            self.stream_memory[mode] = state.detach()  # no gradient into the previous segment
+            self.keep_stream_state(state)
         else:
             if self.mem_len > 0 and not self._warned_no_streams:
                 logger.warning("--mem-len needs --task segment_lm (ordered streams): batches run without memory")
@@ -199,6 +172,8 @@ class EfficientDecoder(FairseqIncrementalDecoder):
                 x, new_layers = reversible_layers(layers, x, past, keep)
             for i, layer in enumerate(layers):
                 if not self.reversible:
+                    if self.timestep_emb is not None:  # Universal Transformer: the step's signal, 1 x D
+                        x = x + self.timestep_emb(torch.tensor([i], device=x.device)).to(x.dtype)
                     x, mem = layer(x, past[i], keep)
                     new_layers.append(mem)
                 for name, term in layer.attn.aux_losses(new_layers[i]).items():

@@ -62,6 +62,11 @@ class EfficientLMBaseConfig(FairseqDataclass):
     share_layers: bool = field(
         default=False, metadata={"help": "one layer's weights reused at every depth (Universal Transformer)"}
     )
+    share_layers_timestep_emb: bool = field(
+        default=False,
+        metadata={"help": "with --share-layers: add a sinusoidal embedding of the recurrence step before every "
+                  "application of the shared layer (Universal Transformer's timestep signal, Dehghani et al. 2019)"},
+    )  # fmt: skip
     share_decoder_input_output_embed: bool = field(
         default=False, metadata={"help": "tie input embedding and output projection"}
     )
@@ -166,6 +171,8 @@ def validate_config(cfg) -> None:
             "(every segment would restart at position 0): use --attention relative --pos-emb relative (Transformer-XL) "
             "or --pos-emb none"
         )
+    if getattr(cfg, "share_layers_timestep_emb", False) and not cfg.share_layers:
+        raise UserError("--share-layers-timestep-emb marks the steps of a shared layer: add --share-layers")
     if cfg.adaptive_input and cfg.adaptive_input_cutoff is None:
         raise UserError("--adaptive-input needs --adaptive-input-cutoff (e.g. 20000,60000)")
     if cfg.tie_adaptive_weights and not (cfg.adaptive_input and cfg.adaptive_softmax_cutoff):
@@ -185,6 +192,8 @@ def validate_config(cfg) -> None:
                 "--reversible needs pre-norm sublayers (a post-norm residual cannot be inverted): "
                 "add --decoder-normalize-before"
             )
+        if cfg.share_layers_timestep_emb:
+            raise UserError("--reversible does not add --share-layers-timestep-emb inside its couplings: drop one")
         if not attention.deterministic_recompute:
             raise UserError(
                 f"--attention {cfg.attention} cannot recompute its output exactly in the backward pass: "

@@ -1,0 +1,35 @@
+"""``lstm_stateful`` presets: LSTM baselines at the parameter count of a transformer preset, so that a
+comparison changes the architecture and nothing else (counts with tied embeddings, measured by
+``python -m recipes.context_length.params``).
+
+The hidden size is chosen so that vocabulary x H + 2 layers x (8 H^2 + 8 H) matches the transformer's
+total on the data it is meant for; the LSTM is the standard two-layer, tied-embedding word/char model
+(Zaremba et al. 2014; Press & Wolf 2017 for the tying)."""
+
+from fairseq.models import register_model_architecture
+
+from .common import defaults as _defaults
+
+
+@register_model_architecture("lstm_stateful", "lstm_stateful_tiny")
+def lstm_stateful_tiny(args):
+    """full_tiny's size on bytes (260 symbols): 2 x 77, 116,116 parameters vs full_tiny's 116,736."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=77, decoder_hidden_size=77, dropout=0.0,
+              share_decoder_input_output_embed=True)  # fmt: skip
+
+
+@register_model_architecture("lstm_stateful", "lstm_stateful_chars")
+def lstm_stateful_chars(args):
+    """full_small's size on PTB characters (56 symbols): 2 x 222, 804,528 parameters vs full_small's
+    800,512 (xl_small: 866,304); dropout 0.1 as full_small."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=222, decoder_hidden_size=222, dropout=0.1,
+              share_decoder_input_output_embed=True)  # fmt: skip
+
+
+@register_model_architecture("lstm_stateful", "lstm_stateful_ptb")
+def lstm_stateful_ptb(args):
+    """full_ptb's size on PTB words (10,008 symbols): 2 x 362, 5,725,392 parameters vs full_ptb's
+    5,721,600 (xl_ptb: 5,984,256); dropout 0.3 as full_ptb (Zaremba et al. 2014's medium model used 0.5
+    at 650 units)."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=362, decoder_hidden_size=362, dropout=0.3,
+              share_decoder_input_output_embed=True)  # fmt: skip
