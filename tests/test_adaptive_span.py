@@ -288,7 +288,7 @@ def test_persistent_memory_is_refused_where_the_attention_has_none(lm_config):
         pass
 
     try:
-        with pytest.raises(UserError, match="has no persistent memory: use one of adaptive_span, full"):
+        with pytest.raises(UserError, match="has no persistent memory: use one of adaptive_span, "):
             validate_config(lm_config(attention="no_slots_probe", persistent_mem_size=4))
     finally:
         ATTENTION_REGISTRY.pop("no_slots_probe")
