@@ -3,4 +3,4 @@ the command line wins. ``--arch efficient_lm`` (registered by fairseq itself) me
 
 Every preset cites its source (a paper table or an official script) in its docstring."""
 
-from . import full, transformer_xl  # noqa: F401  (register on import)
+from . import full, sparse, transformer_xl  # noqa: F401  (register on import)
