@@ -170,11 +170,12 @@ class SparseAttention(Attention):
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        if keep not in (0, None):
-            raise ValueError("sparse attention keeps the whole past (keep=None, decoding) or nothing (keep=0)")
         q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
         k, v = self.keys_values(x, mem)  # B x H x S x Dh, S = M + T
-        new_mem = HiddenMemory.extend(mem, x, keep, k, v)
+        # Only the whole past (keep=None: decoding) is kept: a bounded memory would lose the absolute
+        # positions the fixed pattern needs, hence supports_memory = False (no --mem-len), and keep > 0
+        # keeps nothing.
+        new_mem = HiddenMemory.extend(mem, x, keep, k, v) if keep is None else None
         if mem is None:
             if self.cfg.sparse_checkpoint and torch.is_grad_enabled():
                 out = checkpoint(self.attend_blocks, q, k, v, use_reentrant=False)
