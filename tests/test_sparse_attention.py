@@ -38,7 +38,8 @@ FP32 = dict(rtol=0, atol=1e-5)
 LAYOUTS = [("merged", 0), ("split", 0), ("interleave", 0), ("interleave", 1)]
 
 
-def make(pattern, heads="merged", layer=0, stride=8, block=4, summary=3, dropout=0.0, checkpoint=False, heads_n=H):
+def make(pattern, heads="merged", layer=0, stride=8, block=4, summary=3, dropout=0.0, checkpoint=False, heads_n=H,
+         chunk=None):  # fmt: skip
     torch.manual_seed(0)
     options = SimpleNamespace(
         sparse_pattern=pattern, sparse_stride=stride, sparse_block=block, sparse_summary=summary,
@@ -46,6 +47,8 @@ def make(pattern, heads="merged", layer=0, stride=8, block=4, summary=3, dropout
     )  # fmt: skip
     attn = build_attention("sparse", D, heads_n, dropout, options).to(torch.float64).eval()
     attn.set_layer_index(layer)
+    if chunk is not None:
+        attn.query_chunk = chunk  # queries per chunk (whole stride blocks): several chunks in a short test
     return attn
 
 
@@ -88,20 +91,18 @@ def test_pattern_mask_is_the_papers_definition(pattern, factor, L, c):
 def test_block_layout_holds_every_allowed_pair_exactly_once(pattern, heads, layer, stride, block):
     attn = make(pattern, heads, layer, stride=stride, block=block)
     N = 5 * stride
-    local_pos, local_mask, far_pos, far_mask = attn.block_layout(N)
-    Bk = block
-    local_pos = local_pos.expand(-1, Bk, -1).reshape(N, -1)  # N x W Bk: each query's window
-    counts = torch.zeros(local_mask.size(0), N, N + 1, dtype=torch.long)  # last column: padding keys
-    for pos, mask in ((local_pos, local_mask), (far_pos, far_mask)):
-        index = torch.where(pos >= 0, pos, N).expand(mask.shape)
-        counts.scatter_add_(2, index, mask.long())
-    query = torch.arange(N)
-    expected = attn.mask(query, query).long()
-    assert torch.equal(counts[..., :N], expected.expand_as(counts[..., :N]))
-    assert counts[..., N].sum() == 0  # no padding key is ever attended
-    # the work per query: the window plus the far keys, never the whole sequence
-    far_keys = N // stride if pattern == "strided" else (N // stride) * attn.summary
-    assert local_mask.size(-1) + far_mask.size(-1) == attn.window_blocks * block + far_keys
+    for r0, r1 in ((0, 5), (2, 4)):  # the whole sequence, and a chunk of it
+        local_pos, local_mask, far_pos, far_mask = attn.block_layout(r0, r1)
+        counts = torch.zeros(local_mask.size(0), (r1 - r0) * stride, N + 1, dtype=torch.long)  # last: padding
+        for pos, mask in ((local_pos, local_mask), (far_pos, far_mask)):
+            index = torch.where(pos >= 0, pos, N).expand(mask.shape)
+            counts.scatter_add_(2, index, mask.long())
+        expected = attn.mask(torch.arange(r0 * stride, r1 * stride), torch.arange(N)).long()
+        assert torch.equal(counts[..., :N], expected.expand_as(counts[..., :N]))
+        assert counts[..., N].sum() == 0  # no padding key is ever attended
+        # the work per query: the window plus the far keys before the chunk's end, not the whole sequence
+        far_keys = r1 if pattern == "strided" else r1 * attn.summary
+        assert local_mask.size(-1) + far_mask.size(-1) == attn.window_blocks * block + far_keys
 
 
 def test_the_scores_per_query_grow_like_sqrt_n():
@@ -109,7 +110,7 @@ def test_the_scores_per_query_grow_like_sqrt_n():
     for N in (1024, 4096, 16384):
         L = int(N**0.5)
         attn = make("strided", stride=L, block=L // 2)
-        _, local_mask, _, far_mask = attn.block_layout(N)
+        _, local_mask, _, far_mask = attn.block_layout(0, N // L)
         per_query = local_mask.size(-1) + far_mask.size(-1)
         assert per_query == int(1.5 * L) + L <= 2.5 * N**0.5
 
@@ -119,18 +120,19 @@ def test_the_scores_per_query_grow_like_sqrt_n():
 @pytest.mark.parametrize("heads,layer", LAYOUTS)
 @pytest.mark.parametrize("block", [2, 4, 8])
 def test_block_sparse_equals_the_dense_masked_reference(pattern, heads, layer, block):
-    attn = make(pattern, heads, layer, stride=8, block=block)
-    for T in (1, 7, 8, 21, 40):  # shorter than, equal to, and not a multiple of the stride or block
-        x = torch.randn(B, T, D, dtype=torch.float64)
-        out, mem = attn(x, None, keep=0)
-        assert mem is None
-        torch.testing.assert_close(out, dense_reference(attn, x), **EXACT64)
+    for chunk in (None, 16):  # one chunk, or chunks of two stride blocks
+        attn = make(pattern, heads, layer, stride=8, block=block, chunk=chunk)
+        for T in (1, 7, 8, 21, 40):  # shorter than, equal to, and not a multiple of the stride or block
+            x = torch.randn(B, T, D, dtype=torch.float64)
+            out, mem = attn(x, None, keep=0)
+            assert mem is None
+            torch.testing.assert_close(out, dense_reference(attn, x), **EXACT64)
 
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
 @pytest.mark.parametrize("heads,layer", LAYOUTS)
 def test_gradients_equal_the_dense_reference(pattern, heads, layer):
-    attn = make(pattern, heads, layer, stride=4, block=2, summary=2)
+    attn = make(pattern, heads, layer, stride=4, block=2, summary=2, chunk=8)
     x = torch.randn(B, 19, D, dtype=torch.float64, requires_grad=True)
     target = torch.randn(B, 19, D, dtype=torch.float64)
     grads = []
@@ -204,7 +206,7 @@ def test_checkpoint_recomputes_the_same_output_and_gradients():
     """Dropout on: the recomputation replays the same random numbers (checkpoint keeps the RNG state)."""
     results = []
     for checkpoint in (False, True):
-        attn = make("strided", stride=4, block=2, dropout=0.3, checkpoint=checkpoint).train()
+        attn = make("strided", stride=4, block=2, dropout=0.3, checkpoint=checkpoint, chunk=8).train()
         x = torch.randn(B, 13, D, dtype=torch.float64, requires_grad=True)
         torch.manual_seed(5)
         out, _ = attn(x, None, keep=0)

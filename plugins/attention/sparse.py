@@ -55,6 +55,7 @@ from ..memory import HiddenMemory
 from .base import Attention, AttentionConfig, register_attention
 
 UNION, FACTOR1, FACTOR2 = 0, 1, 2  # the key set a head attends: A1 u A2, A1, A2
+QUERY_CHUNK = 1024  # queries per chunk (rounded to whole stride blocks): bounds the scores alive at once
 
 
 @dataclass
@@ -119,6 +120,7 @@ class SparseAttention(Attention):
         self.summary = cfg.sparse_summary
         self.heads_mode = str(cfg.sparse_heads)
         self.layer_index = 0
+        self.query_chunk = QUERY_CHUNK
         if self.stride < 1 or self.stride % self.block != 0:
             raise UserError(f"--sparse-block {self.block} must divide --sparse-stride {self.stride}")
 
@@ -177,10 +179,7 @@ class SparseAttention(Attention):
         # keeps nothing.
         new_mem = HiddenMemory.extend(mem, x, keep, k, v) if keep is None else None
         if mem is None:
-            if self.cfg.sparse_checkpoint and torch.is_grad_enabled():
-                out = checkpoint(self.attend_blocks, q, k, v, use_reentrant=False)
-            else:
-                out = self.attend_blocks(q, k, v)
+            out = self.attend_blocks(q, k, v)
         else:
             out = self.attend_gathered(q, k, v)
         return self.out_proj(self.merge_heads(out)), new_mem
@@ -198,29 +197,28 @@ class SparseAttention(Attention):
         weights = F.dropout(weights, self.dropout, self.training)
         return weights @ v  # B x H x T x Dh
 
-    def block_layout(self, N: int, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Absolute key positions and masks of the two key groups for N (a multiple of L) queries:
-        ``local_pos`` nb x 1 x W Bk (local window of each query block), ``local_mask`` H' x N x W Bk,
-        ``far_pos`` N x F (strided: the column keys, F = R; fixed: the summary keys, F = R c) and
-        ``far_mask`` H' x N x F. Every allowed pair is in exactly one group (tested)."""
-        L, Bk, R = self.stride, self.block, N // self.stride
-        nb, W = N // Bk, self.window_blocks
-        i = torch.arange(N, device=device)
-        starts = (torch.arange(nb, device=device) - (W - 1)) * Bk  # first key of each query block's window
-        local_pos = starts[:, None, None] + torch.arange(W * Bk, device=device)  # nb x 1 x W Bk
-        local_pos_q = local_pos.expand(nb, Bk, W * Bk).reshape(N, W * Bk)  # N x W Bk
+    def block_layout(self, r0: int, r1: int, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Absolute key positions and masks of the two key groups of the Nc = (r1 - r0) L queries of stride
+        blocks r0 .. r1-1: ``local_pos`` Nc x W Bk (each query block's window), ``local_mask`` H' x Nc x W Bk,
+        ``far_pos`` Nc x F (strided: the query's column in rows < r1, F = r1; fixed: the summary keys of
+        blocks < r1, F = r1 c) and ``far_mask`` H' x Nc x F. Every allowed pair is in exactly one group
+        (tested); keys at or after the end of block r1 - 1 are in neither (causality)."""
+        L, Bk, W = self.stride, self.block, self.window_blocks
+        i = torch.arange(r0 * L, r1 * L, device=device)  # Nc query positions
+        window_start = (i // Bk - (W - 1)) * Bk  # first key of each query's block window
+        local_pos = window_start[:, None] + torch.arange(W * Bk, device=device)  # Nc x W Bk
         if self.pattern == "strided":
-            far_pos = (torch.arange(R, device=device) * L)[None, :] + (i % L)[:, None]  # N x R: i's column
-            in_window = local_pos_q > i[:, None] - L
+            far_pos = (torch.arange(r1, device=device) * L)[None, :] + (i % L)[:, None]  # Nc x r1: i's column
+            in_window = local_pos > i[:, None] - L
             far_side = far_pos <= i[:, None] - L
         else:
-            summary = torch.arange(R, device=device)[:, None] * L + torch.arange(L - self.summary, L, device=device)
-            far_pos = summary.reshape(1, -1).expand(N, -1)  # N x R c: every summary key
+            summary = torch.arange(r1, device=device)[:, None] * L + torch.arange(L - self.summary, L, device=device)
+            far_pos = summary.reshape(1, -1).expand(i.size(0), -1)  # Nc x r1 c: the summary keys
             block_start = (i // L * L)[:, None]
-            in_window = local_pos_q >= block_start
+            in_window = local_pos >= block_start
             far_side = far_pos < block_start
         factor = self._factor(device)
-        local_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], local_pos_q) & in_window
+        local_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], local_pos) & in_window
         far_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], far_pos) & far_side
         return local_pos, local_mask, far_pos, far_mask
 
@@ -231,42 +229,60 @@ class SparseAttention(Attention):
         return self.stride // self.block + (1 if self.pattern == "strided" else 0)
 
     def attend_blocks(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Block-sparse causal attention of T queries over their own T keys (no memory)."""
+        """Block-sparse causal attention of T queries over their own T keys (no memory), one chunk of
+        about ``query_chunk`` queries (whole stride blocks) at a time. With ``--sparse-checkpoint`` each
+        chunk is recomputed in the backward pass, so at most one chunk's scores exist at any time."""
         B, H, T, Dh = q.shape
         L, Bk, W = self.stride, self.block, self.window_blocks
         N = -(-T // L) * L  # padded length
         q, k, v = (F.pad(t, (0, 0, 0, N - T)) for t in (q, k, v))  # B x H x N x Dh
-        R, nb = N // L, N // Bk
-        _, local_mask, _, far_mask = self.block_layout(N, q.device)
+        kb, vb = (F.pad(t, (0, 0, (W - 1) * Bk, 0)).view(B, H, N // Bk + W - 1, Bk, Dh) for t in (k, v))
+        if self.pattern == "fixed":  # the summary keys, R c of them
+            k_far, v_far = (t.view(B, H, N // L, L, Dh)[:, :, :, L - self.summary :] for t in (k, v))
+        else:  # the column keys: the R x L grid of positions
+            k_far, v_far = (t.view(B, H, N // L, L, Dh) for t in (k, v))
+        recompute = self.cfg.sparse_checkpoint and torch.is_grad_enabled()
+        rows = max(1, self.query_chunk // L)  # stride blocks per chunk
+        outs = []
+        for r0 in range(0, N // L, rows):
+            r1 = min(r0 + rows, N // L)
+            args = (q[:, :, r0 * L : r1 * L], kb, vb, k_far, v_far, r0, r1)
+            outs.append(checkpoint(self._chunk, *args, use_reentrant=False) if recompute else self._chunk(*args))
+        return torch.cat(outs, dim=2)[:, :, :T]
+
+    def _chunk(self, q, kb, vb, k_far, v_far, r0: int, r1: int) -> Tensor:
+        """Output of the queries of stride blocks r0 .. r1-1 (q: B x H x Nc x Dh, Nc = (r1 - r0) L)."""
+        B, H, Nc, Dh = q.shape
+        L, Bk, W = self.stride, self.block, self.window_blocks
+        b0, nb = r0 * L // Bk, Nc // Bk
+        _, local_mask, _, far_mask = self.block_layout(r0, r1, q.device)  # H' x Nc x (W Bk | F)
 
         # local group: query block b against key blocks b-W+1 .. b (left-padded), one matmul per offset
-        qb = q.view(B, H, nb, Bk, Dh) * self.scale
-        kb, vb = (F.pad(t, (0, 0, (W - 1) * Bk, 0)).view(B, H, nb + W - 1, Bk, Dh) for t in (k, v))
+        qb = q.reshape(B, H, nb, Bk, Dh) * self.scale
+        kb, vb = kb[:, :, b0 : b0 + nb + W - 1], vb[:, :, b0 : b0 + nb + W - 1]
         local = torch.cat([qb @ kb[:, :, w : w + nb].transpose(-1, -2) for w in range(W)], dim=-1)  # B H nb Bk WBk
-        local = local.view(B, H, N, W * Bk)
+        local = local.view(B, H, Nc, W * Bk)
 
-        # far group
+        # far group, only the keys before the chunk's end
         if self.pattern == "strided":
-            qc, kc, vc = (t.view(B, H, R, L, Dh).transpose(2, 3) for t in (q, k, v))  # B x H x L x R x Dh
-            far = (qc @ kc.transpose(-1, -2)) * self.scale  # B x H x L x R x R (column c: rows r x r')
-            far = far.transpose(2, 3).reshape(B, H, N, R)  # query i = r L + c, key (r', c)
+            qc = (q * self.scale).view(B, H, r1 - r0, L, Dh).transpose(2, 3)  # B x H x L x rows x Dh
+            kc, vc = (t[:, :, :r1].transpose(2, 3) for t in (k_far, v_far))  # B x H x L x r1 x Dh
+            far = (qc @ kc.transpose(-1, -2)).transpose(2, 3).reshape(B, H, Nc, r1)  # query r L + c, key (r', c)
         else:
-            ks, vs = (t.view(B, H, R, L, Dh)[:, :, :, L - self.summary :].reshape(B, H, -1, Dh) for t in (k, v))
-            far = (q @ ks.transpose(-1, -2)) * self.scale  # B x H x N x R c
+            ks, vs = (t[:, :, :r1].reshape(B, H, -1, Dh) for t in (k_far, v_far))  # B x H x r1 c x Dh
+            far = (q * self.scale) @ ks.transpose(-1, -2)  # B x H x Nc x r1 c
 
         # one softmax over both groups
-        scores = torch.cat([local, far], dim=-1)  # B x H x N x (W Bk + F)
-        mask = torch.cat([local_mask, far_mask], dim=-1)  # H' x N x (W Bk + F)
+        scores = torch.cat([local, far], dim=-1)  # B x H x Nc x (W Bk + F)
+        mask = torch.cat([local_mask, far_mask], dim=-1)  # H' x Nc x (W Bk + F)
         weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
         weights = F.dropout(weights, self.dropout, self.training)
         w_local, w_far = weights.split([W * Bk, far.size(-1)], dim=-1)
 
         w_local = w_local.reshape(B, H, nb, Bk, W * Bk)
         out = sum(w_local[..., w * Bk : (w + 1) * Bk] @ vb[:, :, w : w + nb] for w in range(W))  # B H nb Bk Dh
-        out = out.reshape(B, H, N, Dh)
+        out = out.reshape(B, H, Nc, Dh)
         if self.pattern == "strided":
-            w_far = w_far.reshape(B, H, R, L, R).transpose(2, 3)  # B x H x L x R x R
-            out = out + (w_far @ vc).transpose(2, 3).reshape(B, H, N, Dh)
-        else:
-            out = out + w_far @ vs  # B x H x N x Dh
-        return out[:, :, :T]
+            w_far = w_far.reshape(B, H, r1 - r0, L, r1).transpose(2, 3)  # B x H x L x rows x r1
+            return out + (w_far @ vc).transpose(2, 3).reshape(B, H, Nc, Dh)
+        return out + w_far @ vs  # B x H x Nc x Dh
