@@ -232,45 +232,50 @@ class SparseAttention(Attention):
         """Block-sparse causal attention of T queries over their own T keys (no memory), one chunk of
         about ``query_chunk`` queries (whole stride blocks) at a time. With ``--sparse-checkpoint`` each
         chunk is recomputed in the backward pass, so at most one chunk's scores exist at any time."""
-        B, H, T, Dh = q.shape
-        L, Bk, W = self.stride, self.block, self.window_blocks
+        T = q.size(2)
+        L = self.stride
         N = -(-T // L) * L  # padded length
-        q, k, v = (F.pad(t, (0, 0, 0, N - T)) for t in (q, k, v))  # B x H x N x Dh
-        kb, vb = (F.pad(t, (0, 0, (W - 1) * Bk, 0)).view(B, H, N // Bk + W - 1, Bk, Dh) for t in (k, v))
-        if self.pattern == "fixed":  # the summary keys, R c of them
-            k_far, v_far = (t.view(B, H, N // L, L, Dh)[:, :, :, L - self.summary :] for t in (k, v))
-        else:  # the column keys: the R x L grid of positions
-            k_far, v_far = (t.view(B, H, N // L, L, Dh) for t in (k, v))
+        if N > T:
+            q, k, v = (F.pad(t, (0, 0, 0, N - T)) for t in (q, k, v))  # B x H x N x Dh
         recompute = self.cfg.sparse_checkpoint and torch.is_grad_enabled()
         rows = max(1, self.query_chunk // L)  # stride blocks per chunk
         outs = []
         for r0 in range(0, N // L, rows):
             r1 = min(r0 + rows, N // L)
-            args = (q[:, :, r0 * L : r1 * L], kb, vb, k_far, v_far, r0, r1)
+            args = (q[:, :, r0 * L : r1 * L], k, v, r0, r1)
             outs.append(checkpoint(self._chunk, *args, use_reentrant=False) if recompute else self._chunk(*args))
         return torch.cat(outs, dim=2)[:, :, :T]
 
-    def _chunk(self, q, kb, vb, k_far, v_far, r0: int, r1: int) -> Tensor:
-        """Output of the queries of stride blocks r0 .. r1-1 (q: B x H x Nc x Dh, Nc = (r1 - r0) L)."""
+    def _chunk(self, q: Tensor, k: Tensor, v: Tensor, r0: int, r1: int) -> Tensor:
+        """Output of the queries of stride blocks r0 .. r1-1 (q: B x H x Nc x Dh, Nc = (r1 - r0) L) over the
+        keys k, v (B x H x N x Dh)."""
         B, H, Nc, Dh = q.shape
         L, Bk, W = self.stride, self.block, self.window_blocks
         b0, nb = r0 * L // Bk, Nc // Bk
         _, local_mask, _, far_mask = self.block_layout(r0, r1, q.device)  # H' x Nc x (W Bk | F)
+        q = q * self.scale
 
-        # local group: query block b against key blocks b-W+1 .. b (left-padded), one matmul per offset
-        qb = q.reshape(B, H, nb, Bk, Dh) * self.scale
-        kb, vb = kb[:, :, b0 : b0 + nb + W - 1], vb[:, :, b0 : b0 + nb + W - 1]
-        local = torch.cat([qb @ kb[:, :, w : w + nb].transpose(-1, -2) for w in range(W)], dim=-1)  # B H nb Bk WBk
-        local = local.view(B, H, Nc, W * Bk)
+        # local group: query block b0 + b against key block b0 + b - d for d = W-1 .. 0 blocks back, one matmul
+        # per d on views; blocks before the sequence start score 0 (and are masked)
+        qb = q.reshape(B, H, nb, Bk, Dh)
+        kb, vb = (t.view(B, H, -1, Bk, Dh) for t in (k, v))  # B x H x N/Bk x Bk x Dh
+        front = [max(0, d - b0) for d in range(W)]  # query blocks of the chunk whose block d back is < 0
+        local = [
+            F.pad(qb[:, :, front[d] :] @ kb[:, :, b0 + front[d] - d : b0 + nb - d].transpose(-1, -2),
+                  (0, 0, 0, 0, front[d], 0))
+            for d in range(W - 1, -1, -1)
+        ]  # fmt: skip
+        local = torch.cat(local, dim=-1).view(B, H, Nc, W * Bk)  # keys in window order (earliest first)
 
         # far group, only the keys before the chunk's end
-        if self.pattern == "strided":
-            qc = (q * self.scale).view(B, H, r1 - r0, L, Dh).transpose(2, 3)  # B x H x L x rows x Dh
-            kc, vc = (t[:, :, :r1].transpose(2, 3) for t in (k_far, v_far))  # B x H x L x r1 x Dh
+        if self.pattern == "strided":  # the column keys: the R x L grid of positions, transposed
+            qc = q.view(B, H, r1 - r0, L, Dh).transpose(2, 3)  # B x H x L x rows x Dh
+            kc, vc = (t[:, :, : r1 * L].view(B, H, r1, L, Dh).transpose(2, 3) for t in (k, v))  # B x H x L x r1 x Dh
             far = (qc @ kc.transpose(-1, -2)).transpose(2, 3).reshape(B, H, Nc, r1)  # query r L + c, key (r', c)
-        else:
-            ks, vs = (t[:, :, :r1].reshape(B, H, -1, Dh) for t in (k_far, v_far))  # B x H x r1 c x Dh
-            far = (q * self.scale) @ ks.transpose(-1, -2)  # B x H x Nc x r1 c
+        else:  # the summary keys: the last c of every stride block before the chunk's end
+            ks, vs = (t[:, :, : r1 * L].view(B, H, r1, L, Dh)[:, :, :, L - self.summary :] for t in (k, v))
+            ks, vs = ks.reshape(B, H, -1, Dh), vs.reshape(B, H, -1, Dh)  # B x H x r1 c x Dh
+            far = q @ ks.transpose(-1, -2)  # B x H x Nc x r1 c
 
         # one softmax over both groups
         scores = torch.cat([local, far], dim=-1)  # B x H x Nc x (W Bk + F)
@@ -280,7 +285,11 @@ class SparseAttention(Attention):
         w_local, w_far = weights.split([W * Bk, far.size(-1)], dim=-1)
 
         w_local = w_local.reshape(B, H, nb, Bk, W * Bk)
-        out = sum(w_local[..., w * Bk : (w + 1) * Bk] @ vb[:, :, w : w + nb] for w in range(W))  # B H nb Bk Dh
+        out = 0
+        for d in range(W):
+            w = W - 1 - d  # the window's w-th key block is d blocks back
+            part = w_local[:, :, front[d] :, :, w * Bk : (w + 1) * Bk] @ vb[:, :, b0 + front[d] - d : b0 + nb - d]
+            out = out + F.pad(part, (0, 0, 0, 0, front[d], 0))  # B x H x nb x Bk x Dh
         out = out.reshape(B, H, Nc, Dh)
         if self.pattern == "strided":
             w_far = w_far.reshape(B, H, r1 - r0, L, r1).transpose(2, 3)  # B x H x L x rows x r1
