@@ -215,6 +215,25 @@ def test_checkpoint_recomputes_the_same_output_and_gradients():
         torch.testing.assert_close(recomputed, plain, **EXACT64)
 
 
+def test_checkpoint_saves_no_scores_for_the_backward_pass():
+    """What autograd keeps after the forward pass (distinct storages, in elements): with --sparse-checkpoint
+    only q, k, v themselves, without it the scores and weights of every chunk too."""
+    saved = {}
+    for checkpoint in (False, True):
+        attn = make("strided", stride=16, block=8, checkpoint=checkpoint, chunk=64).train()
+        q, k, v = (torch.randn(1, H, 512, D // H, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        storages = {}
+
+        def keep(t, storages=storages):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes() // t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            attn.attend_blocks(q, k, v)
+        saved[checkpoint] = sum(storages.values())
+    assert saved[True] == 3 * q.numel() < saved[False] / 5, saved
+
+
 def test_interleaved_layers_alternate_the_factors(lm):
     model = lm(attention="sparse", sparse_heads="interleave", sparse_stride=4, sparse_summary=1, decoder_layers=3)
     factors = [layer.attn.head_factors() for layer in model.decoder.layers]
