@@ -6,7 +6,7 @@ so adding a mechanism is adding a file here and an import below.
 """
 
 # Import every mechanism so it registers itself (fairseq only auto-imports models/ and tasks/).
-from . import adaptive_span, compressive, full, linear, lsh, naive, relative  # noqa: E402,F401
+from . import adaptive_span, compressive, full, linear, lsh, naive, relative, sparse  # noqa: E402,F401
 from .base import ATTENTION_REGISTRY, Attention, AuxLoss, build_attention, register_attention
 
 __all__ = ["ATTENTION_REGISTRY", "Attention", "AuxLoss", "build_attention", "register_attention"]

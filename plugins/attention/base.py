@@ -145,6 +145,10 @@ class Attention(nn.Module):
             k_mem, v_mem = (self.split_heads(t) for t in self.kv_proj(mem.hidden).chunk(2, dim=-1))
         return torch.cat([k_mem, k], dim=2), torch.cat([v_mem, v], dim=2)  # B x H x S x Dh
 
+    def set_layer_index(self, index: int) -> None:
+        """Told once, after the model is built, the depth of this attention (0: first layer), for
+        mechanisms whose pattern alternates with depth (e.g. the Sparse Transformer's interleaved factors)."""
+
     def share_with(self, first: Attention) -> None:
         """Tie parameters shared across layers: called on layers 1..N-1 with layer 0's attention."""
 

@@ -18,7 +18,7 @@ from fairseq.models import FairseqLanguageModel, register_model
 from omegaconf import II
 from torch import Tensor
 
-from ..attention import ATTENTION_REGISTRY, AuxLoss
+from ..attention import ATTENTION_REGISTRY, Attention, AuxLoss
 from ..errors import UserError
 from ..modules.positional import POSITIONAL_REGISTRY
 from .decoder import EfficientDecoder
@@ -228,7 +228,11 @@ class EfficientLM(FairseqLanguageModel):
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         validate_config(cfg)
-        return cls(EfficientDecoder(cfg, task.target_dictionary))
+        decoder = EfficientDecoder(cfg, task.target_dictionary)
+        attentions = [m for m in decoder.modules() if isinstance(m, Attention)]  # in depth order
+        for index, attention in enumerate(attentions):
+            attention.set_layer_index(index)
+        return cls(decoder)
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Refuse, with a clear message, a checkpoint trained on another dictionary (its vocabulary

@@ -3,4 +3,4 @@ the command line wins. ``--arch efficient_lm`` (registered by fairseq itself) me
 
 Every preset cites its source (a paper table or an official script) in its docstring."""
 
-from . import adaptive_span, compressive, full, linear, lstm, reformer, transformer_xl, universal  # noqa: F401  (register on import)
+from . import adaptive_span, compressive, full, linear, lstm, reformer, sparse, transformer_xl, universal  # noqa: F401  (register on import)
