@@ -71,7 +71,7 @@ PATCHED_SIGNATURES = {
 }
 PREVIOUS_SUFFIX = ".prev"  # checkpoint_last.pt -> checkpoint_last.prev.pt
 _ORIGINAL = {}
-_KNOWN_GOOD = set()  # paths this process wrote and fsync'ed itself, or verified
+_KNOWN_GOOD = {}  # path -> (size, mtime) of a file this process wrote and fsync'ed itself, or verified
 _KNOWN_BAD = set()  # damaged files already reported when loading
 
 
@@ -158,11 +158,25 @@ def previous_path(last: str) -> str:
     return last[: -len(".pt")] + PREVIOUS_SUFFIX + ".pt"
 
 
+def _signature(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _remember_good(path: str) -> None:
+    _KNOWN_GOOD[os.path.abspath(path)] = _signature(path)
+
+
+def _known_good(path: str) -> bool:
+    """Verified before and unchanged since (same size, modification time and inode): no need to read it again."""
+    return _KNOWN_GOOD.get(os.path.abspath(path)) == _signature(path)
+
+
 def _keep_previous(last: str) -> None:
     """Keep the intact ``checkpoint_last.pt`` about to be replaced as ``checkpoint_last.prev.pt``."""
     if not os.path.exists(last):
         return
-    if os.path.abspath(last) not in _KNOWN_GOOD:
+    if not _known_good(last):
         problem = None if os.path.abspath(last) in _KNOWN_BAD else checkpoint_problem(last)
         if problem is not None:
             logger.warning(f"not keeping {last} as the previous checkpoint: it is {problem}")
@@ -176,7 +190,7 @@ def _keep_previous(last: str) -> None:
     except OSError:
         shutil.copyfile(last, tmp)
     os.replace(tmp, prev)
-    _KNOWN_GOOD.add(os.path.abspath(prev))
+    _remember_good(prev)
 
 
 def _publish(tmp: str, dst: str) -> None:
@@ -185,7 +199,7 @@ def _publish(tmp: str, dst: str) -> None:
         _keep_previous(dst)
     os.replace(tmp, dst)
     _fsync_dir(os.path.dirname(dst))
-    _KNOWN_GOOD.add(os.path.abspath(dst))
+    _remember_good(dst)
 
 
 def torch_persistent_save(obj, filename, async_write: bool = False):
@@ -247,7 +261,7 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
                 cfg.restore_file = fallback
                 cfg.finetune_from_model = None  # fairseq refuses both; a resume never fine-tunes anyway
         elif problem is None and os.path.exists(last):
-            _KNOWN_GOOD.add(os.path.abspath(last))
+            _remember_good(last)
     else:
         path = cfg.restore_file.replace(".pt", suffix + ".pt")
         problem = checkpoint_problem(path) if os.path.exists(path) else None
