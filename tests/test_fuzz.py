@@ -62,29 +62,33 @@ def preprocess(tmp: Path, level: str, splits: dict, binarizer: str = "fast"):
     return out, err.getvalue()
 
 
-def decoded(out: Path, split: str, level: str) -> bytes:
-    """The split's text, rebuilt from the binarized tokens and dict.txt."""
+def decoded(out: Path, split: str, level: str) -> list:
+    """The split's symbols (bytes or characters; ``None`` for ``<unk>``), rebuilt from the binarized
+    tokens and dict.txt; ``</s>`` is the newline."""
     from fairseq.data.indexed_dataset import MMapIndexedDataset
 
-    symbols = ["<s>", "<pad>", "\n", "<unk>"] + [
+    if (out / f"{split}.bin").stat().st_size == 0:  # an empty split (fairseq cannot mmap it)
+        return []
+    symbols = ["<s>", "<pad>", "\n", None] + [
         line.rsplit(" ", 1)[0] for line in (out / "dict.txt").read_text(encoding="utf-8").splitlines()
     ]
-    if (out / f"{split}.bin").stat().st_size == 0:  # an empty split (fairseq cannot mmap it)
-        return b""
     dataset = MMapIndexedDataset(str(out / split))
     ids = np.concatenate([dataset[i].numpy() for i in range(len(dataset))])
     if level == "byte":
-        return bytes(10 if i == 2 else int(symbols[i]) for i in ids)
-    chars = []
-    for i in ids:
-        s = symbols[i]
-        chars.append(" " if s == "_" else chr(int(s[2:], 16)) if s.startswith("U+") and len(s) > 2 else s)
-    return "".join(chars).encode("utf-8")
+        return [b"\n"[0] if i == 2 else int(symbols[i]) for i in ids]
+    tokens = [symbols[i] for i in ids]
+    return [" " if s == "_" else chr(int(s[2:], 16)) if s and s.startswith("U+") and len(s) > 2 else s for s in tokens]
 
 
-def expected_text(content: bytes) -> bytes:
-    """fairseq ends the last line with </s> even without a final newline."""
-    return content if not content or content.endswith(b"\n") else content + b"\n"
+def expected_symbols(content: bytes, level: str, train: bytes) -> list:
+    """What the split must decode to: fairseq ends the last line with </s> even without a final newline;
+    characters not in train are <unk> (valid/test)."""
+    if content and not content.endswith(b"\n"):
+        content += b"\n"
+    if level == "byte":
+        return list(content)
+    seen = set(train.decode("utf-8")) | {"\n"}
+    return [c if c in seen else None for c in content.decode("utf-8")]
 
 
 def check_roundtrip(tmp: Path, level: str, splits: dict) -> None:
@@ -95,10 +99,11 @@ def check_roundtrip(tmp: Path, level: str, splits: dict) -> None:
         return
     meta = json.loads((out / "metadata.json").read_text())
     for split, content in splits.items():
-        rebuilt = decoded(out, split, level)
-        assert rebuilt == expected_text(content), (split, content[:80], rebuilt[:80])
-        n_tokens = len(rebuilt) if level == "byte" else len(rebuilt.decode("utf-8"))
-        assert meta["splits"][split]["tokens"] == n_tokens
+        rebuilt, expected = decoded(out, split, level), expected_symbols(content, level, splits["train"])
+        assert rebuilt == expected, (split, content[:80], rebuilt[:80])
+        assert meta["splits"][split]["tokens"] == len(expected)
+        if split != "train":
+            assert meta["splits"][split]["oov"] == expected.count(None)
 
 
 NEWLINES = st.sampled_from(["\n", "\r\n", "\r", "\n\n", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\t", " ", "_"])
@@ -128,7 +133,9 @@ def _invalid_utf8(data: bytes) -> bool:
 @settings(max_examples=EXAMPLES)
 @given(bad=st.binary(min_size=1, max_size=200).filter(_invalid_utf8), level=st.sampled_from(["char", "word"]))
 def test_invalid_utf8_is_one_clear_line(tmp_path_factory, bad, level):
-    out, err = preprocess(tmp_path_factory.mktemp("utf8"), level, {"train": b"ok\n", "valid": bad, "test": b"x\n"})
+    out, err = preprocess(
+        tmp_path_factory.mktemp("utf8"), level, {"train": b"ok\n", "valid": bad, "test": b"x\n"}, "auto"
+    )
     assert out is None
     assert err.strip().count("\n") == 0 and "valid.txt is not valid UTF-8" in err, err
 
@@ -140,7 +147,7 @@ def test_a_long_single_line_is_binarized(tmp_path):
     out, err = preprocess(tmp_path, "char", {"train": line, "valid": b"abc", "test": b"cab\n"}, binarizer="auto")
     assert out is not None, err
     assert json.loads((out / "metadata.json").read_text())["splits"]["train"]["tokens"] == 3_000_001
-    assert decoded(out, "train", "char") == line + b"\n"
+    assert "".join(decoded(out, "train", "char")).encode() == line + b"\n"
 
 
 def test_an_empty_split_is_binarized_and_then_refused_by_training_with_one_line(tmp_path):

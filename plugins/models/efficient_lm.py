@@ -10,9 +10,9 @@ Presets (``--arch``) only set defaults; anything given on the command line wins.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-from fairseq import utils
+from fairseq import options, utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqLanguageModel, register_model
 from omegaconf import II
@@ -149,6 +149,23 @@ def validate_config(cfg) -> None:
     attention.check_config(cfg)
 
 
+def parse_cutoffs(option: str, value: Optional[str], vocab_size: int) -> Optional[List[int]]:
+    """``--adaptive-*-cutoff`` as a list of increasing cluster boundaries below the vocabulary size
+    (fairseq's AdaptiveInput/AdaptiveSoftmax would fail later with an assertion or a negative size)."""
+    if value is None:
+        return None
+    try:
+        cutoffs = options.eval_str_list(value, type=int)
+    except (ValueError, SyntaxError, TypeError):
+        cutoffs = None
+    if not cutoffs or any(b <= a for a, b in zip([0] + cutoffs, cutoffs)) or cutoffs[-1] > vocab_size:
+        raise UserError(
+            f"--{option} {value!r} must be increasing positive integers, the last at most the vocabulary "
+            f"size {vocab_size} (e.g. 20000,60000 on WikiText-103)"
+        )
+    return cutoffs
+
+
 @register_model("efficient_lm", dataclass=EfficientLMConfig)
 class EfficientLM(FairseqLanguageModel):
     @classmethod
@@ -156,6 +173,8 @@ class EfficientLM(FairseqLanguageModel):
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         validate_config(cfg)
+        for option in ("adaptive_input_cutoff", "adaptive_softmax_cutoff"):
+            parse_cutoffs(option.replace("_", "-"), getattr(cfg, option), len(task.target_dictionary))
         return cls(EfficientDecoder(cfg, task.target_dictionary))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
