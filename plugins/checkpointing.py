@@ -52,7 +52,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 from fairseq import checkpoint_utils
@@ -77,7 +77,12 @@ _KNOWN_BAD = set()  # damaged files already reported when loading
 
 # ---- detecting a bad checkpoint ------------------------------------------------------------------
 def checkpoint_problem(path: str) -> Optional[str]:
-    """``None`` if ``path`` is an intact fairseq checkpoint, else a short description of what is wrong.
+    """``None`` if ``path`` is an intact fairseq checkpoint, else a short description of what is wrong."""
+    return inspect_checkpoint(path)[0]
+
+
+def inspect_checkpoint(path: str) -> Tuple[Optional[str], List[str]]:
+    """(what is wrong with ``path`` or ``None``, the Python objects beyond tensors it would create).
 
     Reads the whole file once (the zip CRCs cover every tensor byte) and never unpickles anything but
     tensors and plain containers. A file that holds other Python objects (a legacy ``argparse.Namespace``)
@@ -85,21 +90,21 @@ def checkpoint_problem(path: str) -> Optional[str]:
     try:
         size = os.path.getsize(path)
     except OSError as e:
-        return f"cannot be read ({e.strerror})"
+        return f"cannot be read ({e.strerror})", []
     if size == 0:
-        return "empty file"
+        return "empty file", []
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
                 bad_member = archive.testzip()
         except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-            return f"damaged zip archive ({e})"
+            return f"damaged zip archive ({e})", []
         if bad_member is not None:
-            return f"corrupted data (CRC mismatch in {bad_member})"
+            return f"corrupted data (CRC mismatch in {bad_member})", []
     else:
         with open(path, "rb") as f:
             if f.read(4) == b"PK\x03\x04":  # a zip archive without its end: the write was interrupted
-                return f"truncated ({size} bytes, the zip archive has no end)"
+                return f"truncated ({size} bytes, the zip archive has no end)", []
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
@@ -107,12 +112,12 @@ def checkpoint_problem(path: str) -> Optional[str]:
             unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
         except Exception:
             unsafe = None
-        return None if unsafe else f"unreadable ({_first_line(e)})"
+        return (None, unsafe) if unsafe else (f"unreadable ({_first_line(e)})", [])
     except Exception as e:
-        return f"unreadable ({type(e).__name__}: {_first_line(e)})"
+        return f"unreadable ({type(e).__name__}: {_first_line(e)})", []
     if not isinstance(state, dict) or "model" not in state:
-        return "not a fairseq checkpoint (no 'model' entry)"
-    return None
+        return "not a fairseq checkpoint (no 'model' entry)", []
+    return None, []
 
 
 def _first_line(e: BaseException) -> str:
@@ -233,6 +238,14 @@ class AtomicCopyPathManager(PathManager):
 
 
 # ---- loading -------------------------------------------------------------------------------------
+def _warn_unsafe(path: str, unsafe: List[str]) -> None:
+    if unsafe:
+        logger.warning(
+            f"{path} holds Python objects ({', '.join(unsafe)}), not only tensors: loading it can run code; "
+            "resume only from checkpoints you trust"
+        )
+
+
 def load_checkpoint(cfg, trainer, **passthrough_args):
     """fairseq's ``load_checkpoint``, resuming from the newest intact checkpoint if the last is damaged."""
     suffix = trainer.checkpoint_suffix or ""
@@ -246,7 +259,7 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
                     pass
     if cfg.restore_file == "checkpoint_last.pt":  # fairseq's default: resume from <save-dir>
         last = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
-        problem = checkpoint_problem(last) if os.path.exists(last) else None
+        problem, unsafe = inspect_checkpoint(last) if os.path.exists(last) else (None, [])
         if problem is not None:
             fallback = None if suffix else newest_intact_checkpoint(cfg.save_dir, exclude=(last,))
             if fallback is None:
@@ -262,11 +275,13 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
                 cfg.finetune_from_model = None  # fairseq refuses both; a resume never fine-tunes anyway
         elif problem is None and os.path.exists(last):
             _remember_good(last)
+            _warn_unsafe(last, unsafe)
     else:
         path = cfg.restore_file.replace(".pt", suffix + ".pt")
-        problem = checkpoint_problem(path) if os.path.exists(path) else None
+        problem, unsafe = inspect_checkpoint(path) if os.path.exists(path) else (None, [])
         if problem is not None:
             raise UserError(f"--restore-file {path} is {problem}: choose another checkpoint")
+        _warn_unsafe(path, unsafe)
     return _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
 
 
