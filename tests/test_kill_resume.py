@@ -1,10 +1,12 @@
 """Kill ``fairseq-train`` anywhere, restart the same command, lose nothing (``plugins/checkpointing.py``).
 
-A real ``fairseq-train`` run of a memory model (``xl_tiny``, dropout on, checkpoints every few updates
-and at the end of every epoch) is SIGKILLed at seeded-random moments: while the ``.tmp`` of a checkpoint
-is being written, while it is being copied to ``checkpoint_last.pt``, at a random time; once
-``checkpoint_last.pt`` is also truncated by hand before a restart (a damaged file from outside). The same
-command is restarted until it finishes. Checked after every kill and restart:
+A real ``fairseq-train`` run of a memory model (``xl_tiny``, dropout on, checkpoints every 10 updates
+and at the end of every epoch, 60 updates over two epochs) is SIGKILLed twice, at moments drawn by a
+seeded RNG from: while the ``.tmp`` of a checkpoint is being written, just after it was renamed (while
+it is copied to ``checkpoint_best.pt``/``checkpoint_last.pt``), while the state dict is built, or at a
+random time of training/validation/saving (the 2nd or 3rd save of a run). Then ``checkpoint_last.pt``
+is truncated by hand (a file damaged from outside) and the same command is restarted until it finishes
+(4 processes in all, plus the uninterrupted reference alongside). Checked after every kill and restart:
 
 - ``checkpoint_last.pt`` is never damaged by a kill, and the restart resumes exactly from it (the
   number of updates it holds), or, when it was damaged by hand, says so in one warning line and resumes
