@@ -173,8 +173,15 @@ class EfficientLM(FairseqLanguageModel):
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         validate_config(cfg)
-        for option in ("adaptive_input_cutoff", "adaptive_softmax_cutoff"):
-            parse_cutoffs(option.replace("_", "-"), getattr(cfg, option), len(task.target_dictionary))
+        for kind in ("input", "softmax"):
+            vocab, factor = len(task.target_dictionary), getattr(cfg, f"adaptive_{kind}_factor")
+            cutoffs = parse_cutoffs(f"adaptive-{kind}-cutoff", getattr(cfg, f"adaptive_{kind}_cutoff"), vocab)
+            bands = 0 if cutoffs is None else len(cutoffs) + (cutoffs[-1] < vocab)
+            if bands and (factor <= 0 or cfg.decoder_embed_dim // factor ** (bands - 1) < 1):
+                raise UserError(
+                    f"--adaptive-{kind}-factor {factor} leaves the last of {bands} bands of --decoder-embed-dim "
+                    f"{cfg.decoder_embed_dim} no dimensions: use a factor >= 1 with factor^{bands - 1} <= the dimension"
+                )
         return cls(EfficientDecoder(cfg, task.target_dictionary))
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
