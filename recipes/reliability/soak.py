@@ -138,7 +138,7 @@ def plot(records: list, path: Path, title: str) -> None:
         ax.plot(updates, [r[key] for r in records], lw=1)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_ylim(bottom=0)
+    axes[0].set_ylim(0, 1.25 * max(r["rss_mb"] for r in records))
     axes[-1].set_xlabel("updates")
     axes[0].set_title(title)
     fig.tight_layout()
