@@ -27,5 +27,5 @@ setup(
         "pyyaml>=6",
         "tensorboardX>=2.6",  # fairseq --tensorboard-logdir (and silences its import-time notice)
     ],
-    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"]},
+    extras_require={"test": ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5", "hypothesis>=6.100"]},
 )

@@ -4,10 +4,12 @@ fairseq auto-imports only ``models/`` and ``tasks/`` of a user dir; everything e
 explicitly, before them (the model's options are built from the attention registry).
 """
 
+from . import checkpointing
 from .compat import patch_numpy
 from .errors import install_excepthook
 
 patch_numpy()
 install_excepthook()
+checkpointing.install()  # atomic checkpoint copies, resume from the newest intact checkpoint
 
 from . import attention, criterions, memory, models, modules, optim, tasks  # noqa: E402,F401

@@ -625,7 +625,7 @@ def preprocess_stream(
         scans[split] = scan_stream(sources[split]())
     train = scans["train"].counts
     for split in ("valid", "test"):  # bytes: fixed dictionary, nothing is ever <unk>
-        unseen = (n for s, n in scans[split].counts.items() if s not in train)
+        unseen = (n for s, n in scans[split].counts.items() if s not in train and s != "\n")  # \n is </s>
         scans[split].stats.oov = sum(unseen) if level == "char" else 0
     vocab_size = len(train)
     longest = max(s.longest for s in scans.values())

@@ -12,6 +12,7 @@ are logged in base 2, as fairseq does, and the derived metric is labelled by the
 import math
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from fairseq import metrics, utils
 from fairseq.criterions import FairseqCriterion, register_criterion
@@ -24,6 +25,22 @@ UNIT_METRIC = {"byte": "bpb", "char": "bpc", "word": "ppl", "subword": "ppl"}
 @dataclass
 class AuxCrossEntropyConfig(FairseqDataclass):
     sentence_avg: bool = II("optimization.sentence_avg")
+
+
+def check_finite(nll, aux_losses) -> None:
+    """Name the auxiliary term that made the loss NaN/inf. Without this, fairseq sees only the total:
+    with finite gradients an inf loss is logged and training goes on; with NaN/inf gradients it stops
+    with "gradients are Nan/Inf" (fp32) or keeps lowering the fp16 loss scale, never naming the term."""
+    bad = [
+        f"'{name}' = {float(term.value.detach().sum())}"
+        for name, term in aux_losses.items()
+        if not torch.isfinite(term.value).all()
+    ]
+    if bad:
+        raise FloatingPointError(
+            f"auxiliary loss {', '.join(bad)} (summed over layers) is not finite "
+            f"(cross entropy = {float(nll.detach())}): check that mechanism's loss and its inputs"
+        )
 
 
 @register_criterion("aux_cross_entropy", dataclass=AuxCrossEntropyConfig)
@@ -51,6 +68,8 @@ class AuxCrossEntropyCriterion(FairseqCriterion):
         for name, term in aux_losses.items():
             loss = loss + term.weight * term.value * sample_size
             logging_output[f"aux_{name}"] = term.value.data * sample_size
+        if aux_losses and not torch.isfinite(loss.detach()).all():
+            check_finite(nll, aux_losses)
         logging_output["loss"] = loss.data
         if model.training and hasattr(model, "metrics"):  # e.g. learned spans; weighted so workers average
             for name, value in model.metrics().items():

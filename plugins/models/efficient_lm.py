@@ -10,9 +10,9 @@ Presets (``--arch``) only set defaults; anything given on the command line wins.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
-from fairseq import utils
+from fairseq import options, utils
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.models import FairseqLanguageModel, register_model
 from omegaconf import II
@@ -221,6 +221,23 @@ def _reject_options_of_other_attentions(cfg) -> None:
             )
 
 
+def parse_cutoffs(option: str, value: Optional[str], vocab_size: int) -> Optional[List[int]]:
+    """``--adaptive-*-cutoff`` as a list of increasing cluster boundaries below the vocabulary size
+    (fairseq's AdaptiveInput/AdaptiveSoftmax would fail later with an assertion or a negative size)."""
+    if value is None:
+        return None
+    try:
+        cutoffs = options.eval_str_list(value, type=int)
+    except (ValueError, SyntaxError, TypeError):
+        cutoffs = None
+    if not cutoffs or any(b <= a for a, b in zip([0] + cutoffs, cutoffs)) or cutoffs[-1] > vocab_size:
+        raise UserError(
+            f"--{option} {value!r} must be increasing positive integers, the last at most the vocabulary "
+            f"size {vocab_size} (e.g. 20000,60000 on WikiText-103)"
+        )
+    return cutoffs
+
+
 @register_model("efficient_lm", dataclass=EfficientLMConfig)
 class EfficientLM(FairseqLanguageModel):
     @classmethod
@@ -228,6 +245,15 @@ class EfficientLM(FairseqLanguageModel):
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         validate_config(cfg)
+        for kind in ("input", "softmax"):
+            vocab, factor = len(task.target_dictionary), getattr(cfg, f"adaptive_{kind}_factor")
+            cutoffs = parse_cutoffs(f"adaptive-{kind}-cutoff", getattr(cfg, f"adaptive_{kind}_cutoff"), vocab)
+            bands = 0 if cutoffs is None else len(cutoffs) + (cutoffs[-1] < vocab)
+            if bands and (factor <= 0 or cfg.decoder_embed_dim // factor ** (bands - 1) < 1):
+                raise UserError(
+                    f"--adaptive-{kind}-factor {factor} leaves the last of {bands} bands of --decoder-embed-dim "
+                    f"{cfg.decoder_embed_dim} no dimensions: use a factor >= 1 with factor^{bands - 1} <= the dimension"
+                )
         decoder = EfficientDecoder(cfg, task.target_dictionary)
         attentions = [m for m in decoder.modules() if isinstance(m, Attention)]  # in depth order
         for index, attention in enumerate(attentions):

@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 from fairseq import utils
-from fairseq.data import data_utils, iterators
+from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import register_task
@@ -76,8 +76,14 @@ class SegmentLMTask(LanguageModelingTask):
             raise UserError("segment_lm streams the corpus contiguously: drop --sample-break-mode")
         if not args.data or not os.path.isdir(utils.split_paths(args.data)[0]):
             raise UserError(f"data directory '{args.data}' not found: binarize a corpus with preprocess/ first")
-        if not os.path.exists(os.path.join(utils.split_paths(args.data)[0], "dict.txt")):
+        dict_path = os.path.join(utils.split_paths(args.data)[0], "dict.txt")
+        if not os.path.exists(dict_path):
             raise UserError(f"'{args.data}' has no dict.txt: it is not a fairseq-preprocess output directory")
+        try:
+            Dictionary.load(dict_path)  # fairseq raises a bare Exception/RuntimeError/ValueError with a traceback
+        except Exception as e:
+            reason = " ".join(str(e).split(". ")[0].split())
+            raise UserError(f"{dict_path} is not a valid dictionary ({reason}): binarize the data again") from None
         return super().setup_task(args, **kwargs)
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
@@ -107,6 +113,8 @@ class SegmentLMTask(LanguageModelingTask):
     def load_dataset(self, split: str, epoch=1, combine=False, **kwargs):
         data_path = utils.split_paths(self.args.data)[(epoch - 1) % len(utils.split_paths(self.args.data))]
         split_path = os.path.join(data_path, split)
+        if os.path.exists(split_path + ".bin") and os.path.getsize(split_path + ".bin") == 0:
+            raise UserError(f"split '{split}' in {data_path} is empty (no tokens): binarize it from a non-empty file")
         dataset = data_utils.load_indexed_dataset(split_path, self.dictionary, self.args.dataset_impl)
         if dataset is None:
             raise UserError(f"split '{split}' not found in {data_path} (expected {split}.bin / {split}.idx)")

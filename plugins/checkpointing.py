@@ -1,0 +1,332 @@
+"""Crash-safe checkpoints for ``fairseq-train``: kill it anywhere, restart the same command, lose nothing.
+
+What fairseq 0.12.3 does (``fairseq/checkpoint_utils.py``, read for this patch):
+
+- ``save_checkpoint`` writes the first checkpoint name of a save (``checkpoint_<epoch>_<updates>.pt``,
+  ``checkpoint<epoch>.pt``, ``checkpoint_best.pt`` or ``checkpoint_last.pt``, whichever applies first)
+  with ``trainer.save_checkpoint`` -> ``torch_persistent_save``: written to ``<name>.tmp`` and renamed,
+  so that file is atomic (but never fsync'ed).
+- It then **copies** that file to every other name of the save, ``checkpoint_last.pt`` included, with
+  ``PathManager.copy`` = ``shutil.copyfile`` (without iopath, as installed here), which truncates the
+  destination and rewrites it in place. A SIGKILL, a node preemption or a full disk during that copy
+  leaves a truncated ``checkpoint_last.pt`` behind the previous good one.
+- ``load_checkpoint`` restarts from ``<save-dir>/checkpoint_last.pt`` whenever it exists. A truncated
+  file stops the restart with ``RuntimeError: PytorchStreamReader failed reading zip archive: failed
+  finding central directory`` (``torch.load``), and a file with corrupted tensor bytes loads silently
+  (``torch.load`` does not check the zip CRCs). Every restart of the job then fails the same way.
+
+What :func:`install` changes (only inside ``fairseq.checkpoint_utils``; everything else is fairseq's):
+
+1. ``torch_persistent_save`` (local files): the ``.tmp`` file is fsync'ed before it is renamed
+   (fairseq's own writer, with its retries, writes the bytes), so a rename never publishes a file whose
+   bytes are not on disk yet.
+2. ``checkpoint_utils.PathManager`` is replaced by a subclass whose ``copy`` writes ``<dst>.tmp``,
+   fsyncs it and renames it over ``<dst>``: every copy (``checkpoint_last.pt``, ``checkpoint_best.pt``)
+   is atomic too. Only this module's name is rebound; ``fairseq.file_io.PathManager`` is untouched.
+3. Before ``checkpoint_last.pt`` is replaced, the file it replaces is kept as ``checkpoint_last.prev.pt``
+   (a hard link, no copy), but only if it is intact: a good checkpoint is never overwritten by a bad one,
+   and there are always two complete checkpoints to resume from, whatever ``--keep-interval-updates`` is.
+4. ``load_checkpoint`` checks the file it is about to resume from (:func:`checkpoint_problem`: zip
+   structure, the CRC of every member, a ``weights_only`` unpickle, a ``model`` entry). If the default
+   ``checkpoint_last.pt`` is truncated or corrupt, it logs one warning line naming the problem and
+   resumes from the newest intact checkpoint in ``--save-dir`` (``checkpoint_last.prev.pt``, the
+   interval/epoch/best checkpoints: newest file first). If none is intact, or an explicit
+   ``--restore-file`` is corrupt, it stops with one ``error:`` line (also with a sharded/model-parallel
+   checkpoint suffix, where no fallback is attempted). ``.tmp`` files left by an
+   interrupted save are deleted. Costs one extra read of the checkpoint at start-up.
+
+The patch is checked against the installed fairseq when installed: if a patched function's signature
+changed, or ``save_checkpoint`` no longer copies with ``PathManager.copy``, :func:`install` raises
+instead of silently patching something else. Not covered: ``--write-checkpoints-asynchronously`` and
+remote (iopath) paths keep fairseq's behaviour (no rename there).
+
+The project's own loader, :func:`load_checkpoint_safely`, never unpickles arbitrary objects
+(``weights_only=True``); see README "Reliability" for which fairseq commands still do.
+"""
+
+import copy
+import inspect
+import logging
+import os
+import pickle
+import re
+import shutil
+import zipfile
+from typing import List, Optional, Tuple
+
+import torch
+from fairseq import checkpoint_utils
+from fairseq.file_io import PathManager
+from omegaconf import open_dict
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Parameter names of the fairseq functions this module wraps (fairseq-fixed 0.12.3.1).
+PATCHED_SIGNATURES = {
+    "torch_persistent_save": ["obj", "filename", "async_write"],
+    "load_checkpoint": ["cfg", "trainer", "passthrough_args"],
+    "_torch_persistent_save": ["obj", "f"],
+}
+PREVIOUS_SUFFIX = ".prev"  # checkpoint_last.pt -> checkpoint_last.prev.pt
+_ORIGINAL = {}
+_KNOWN_GOOD = {}  # path -> (size, mtime) of a file this process wrote and fsync'ed itself, or verified
+_KNOWN_BAD = set()  # damaged files already reported when loading
+
+
+# ---- detecting a bad checkpoint ------------------------------------------------------------------
+def checkpoint_problem(path: str) -> Optional[str]:
+    """``None`` if ``path`` is an intact fairseq checkpoint, else a short description of what is wrong."""
+    return inspect_checkpoint(path)[0]
+
+
+def inspect_checkpoint(path: str) -> Tuple[Optional[str], List[str]]:
+    """(what is wrong with ``path`` or ``None``, the Python objects beyond tensors it would create).
+
+    Reads the whole file once (the zip CRCs cover every tensor byte) and never unpickles anything but
+    tensors and plain containers. A file that holds other Python objects (a legacy ``argparse.Namespace``)
+    but is structurally intact counts as intact: whether to trust it is the loader's decision."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})", []
+    if size == 0:
+        return "empty file", []
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_member = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+            return f"damaged zip archive ({e})", []
+        if bad_member is not None:
+            return f"corrupted data (CRC mismatch in {bad_member})", []
+    else:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip archive without its end: the write was interrupted
+                return f"truncated ({size} bytes, the zip archive has no end)", []
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = None
+        return (None, unsafe) if unsafe else (f"unreadable ({_first_line(e)})", [])
+    except Exception as e:
+        return f"unreadable ({type(e).__name__}: {_first_line(e)})", []
+    if not isinstance(state, dict) or "model" not in state:
+        return "not a fairseq checkpoint (no 'model' entry)", []
+    return None, []
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def newest_intact_checkpoint(save_dir: str, suffix: str = "", exclude: tuple = ()) -> Optional[str]:
+    """The most recently written intact checkpoint of ``save_dir`` (files named as fairseq and this module
+    name them, with the trainer's checkpoint ``suffix``), or ``None``."""
+    pattern = re.compile(
+        rf"checkpoint(_last|_\d+_\d+|\d+|_best|\.best_.*){re.escape(suffix)}({re.escape(PREVIOUS_SUFFIX)})?\.pt"
+    )
+    candidates = [os.path.join(save_dir, f) for f in os.listdir(save_dir) if pattern.fullmatch(f)]
+    candidates = [p for p in candidates if os.path.abspath(p) not in {os.path.abspath(x) for x in exclude}]
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems do not fsync directories
+    finally:
+        os.close(fd)
+
+
+def _is_last_checkpoint(path: str) -> bool:
+    name = os.path.basename(path)
+    return name.startswith("checkpoint_last") and name.endswith(".pt") and not name.endswith(PREVIOUS_SUFFIX + ".pt")
+
+
+def previous_path(last: str) -> str:
+    """``.../checkpoint_last<suffix>.pt`` -> ``.../checkpoint_last<suffix>.prev.pt``."""
+    return last[: -len(".pt")] + PREVIOUS_SUFFIX + ".pt"
+
+
+def _signature(path: str) -> tuple:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _remember_good(path: str) -> None:
+    _KNOWN_GOOD[os.path.abspath(path)] = _signature(path)
+
+
+def _known_good(path: str) -> bool:
+    """Verified before and unchanged since (same size, modification time and inode): no need to read it again."""
+    return _KNOWN_GOOD.get(os.path.abspath(path)) == _signature(path)
+
+
+def _keep_previous(last: str) -> None:
+    """Keep the intact ``checkpoint_last.pt`` about to be replaced as ``checkpoint_last.prev.pt``."""
+    if not os.path.exists(last):
+        return
+    if not _known_good(last):
+        problem = None if os.path.abspath(last) in _KNOWN_BAD else checkpoint_problem(last)
+        if problem is not None:
+            logger.warning(f"not keeping {last} as the previous checkpoint: it is {problem}")
+        if problem is not None or os.path.abspath(last) in _KNOWN_BAD:
+            return
+    prev, tmp = previous_path(last), previous_path(last) + ".tmp"
+    if os.path.lexists(tmp):
+        os.remove(tmp)
+    try:
+        os.link(last, tmp)  # same bytes, no copy; later writes replace names, never rewrite files
+    except OSError:
+        shutil.copyfile(last, tmp)
+    os.replace(tmp, prev)
+    _remember_good(prev)
+
+
+def _publish(tmp: str, dst: str) -> None:
+    """Make the complete, fsync'ed ``tmp`` visible as ``dst`` in one atomic rename."""
+    if _is_last_checkpoint(dst):
+        _keep_previous(dst)
+    os.replace(tmp, dst)
+    _fsync_dir(os.path.dirname(dst))
+    _remember_good(dst)
+
+
+def torch_persistent_save(obj, filename, async_write: bool = False):
+    """fairseq's ``torch_persistent_save``, with the ``.tmp`` file fsync'ed before the rename."""
+    if async_write or not PathManager.supports_rename(filename):
+        return _ORIGINAL["torch_persistent_save"](obj, filename, async_write)
+    tmp = filename + ".tmp"
+    with open(tmp, "wb") as f:
+        checkpoint_utils._torch_persistent_save(obj, f)  # fairseq's writer (retries on I/O errors)
+        f.flush()
+        os.fsync(f.fileno())
+    _publish(tmp, filename)
+
+
+class AtomicCopyPathManager(PathManager):
+    """``fairseq.file_io.PathManager`` whose ``copy`` of a local file is atomic (tmp, fsync, rename)."""
+
+    @staticmethod
+    def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if not (PathManager.supports_rename(src_path) and PathManager.supports_rename(dst_path)):
+            return PathManager.copy(src_path, dst_path, overwrite=overwrite)
+        if not overwrite and os.path.exists(dst_path):
+            return False
+        tmp = dst_path + ".tmp"
+        with open(src_path, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        _publish(tmp, dst_path)
+        return True
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def _warn_unsafe(path: str, unsafe: List[str]) -> None:
+    if unsafe:
+        logger.warning(
+            f"{path} holds Python objects ({', '.join(unsafe)}), not only tensors: loading it can run code; "
+            "resume only from checkpoints you trust"
+        )
+
+
+def load_checkpoint(cfg, trainer, **passthrough_args):
+    """fairseq's ``load_checkpoint``, resuming from the newest intact checkpoint if the last is damaged."""
+    suffix = trainer.checkpoint_suffix or ""
+    if getattr(trainer, "data_parallel_rank", 0) == 0 and os.path.isdir(cfg.save_dir):
+        for name in os.listdir(cfg.save_dir):
+            if name.endswith(".pt.tmp"):  # left by a save that was interrupted; never loaded by fairseq
+                logger.info(f"removing {name}, left by an interrupted checkpoint save")
+                try:
+                    os.remove(os.path.join(cfg.save_dir, name))
+                except FileNotFoundError:
+                    pass
+    if cfg.restore_file == "checkpoint_last.pt":  # fairseq's default: resume from <save-dir>
+        last = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        problem, unsafe = inspect_checkpoint(last) if os.path.exists(last) else (None, [])
+        if problem is not None:
+            fallback = None if suffix else newest_intact_checkpoint(cfg.save_dir, exclude=(last,))
+            if fallback is None:
+                raise UserError(
+                    f"{last} is {problem} and no other checkpoint in {cfg.save_dir} is intact: "
+                    "move the directory away to start afresh, or give --restore-file"
+                )
+            logger.warning(f"{last} is {problem}; resuming from {fallback}, the newest intact checkpoint")
+            _KNOWN_BAD.add(os.path.abspath(last))
+            cfg = copy.deepcopy(cfg)
+            with open_dict(cfg):
+                cfg.restore_file = fallback
+                cfg.finetune_from_model = None  # fairseq refuses both; a resume never fine-tunes anyway
+        elif problem is None and os.path.exists(last):
+            _remember_good(last)
+            _warn_unsafe(last, unsafe)
+    else:
+        path = cfg.restore_file.replace(".pt", suffix + ".pt")
+        problem, unsafe = inspect_checkpoint(path) if os.path.exists(path) else (None, [])
+        if problem is not None:
+            raise UserError(f"--restore-file {path} is {problem}: choose another checkpoint")
+        _warn_unsafe(path, unsafe)
+    return _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
+
+
+def load_checkpoint_safely(path: str) -> dict:
+    """Load a checkpoint for inspection (analysis scripts, soak/benchmark records) without running code
+    from it: tensors and plain containers only (``torch.load(weights_only=True)``). A file that needs
+    anything else is refused with one line naming the objects it wants to create."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        what = f"it would create {', '.join(unsafe)}" if unsafe else _first_line(e)
+        raise UserError(
+            f"refusing to load {path}: {what}. Checkpoints written by this project hold only tensors and "
+            "plain values; load this one only if you trust where it came from"
+        ) from None
+
+
+# ---- installation --------------------------------------------------------------------------------
+def _check_fairseq() -> None:
+    for name, expected in PATCHED_SIGNATURES.items():
+        target = _ORIGINAL.get(name) or getattr(checkpoint_utils, name, None)
+        found = None if target is None else list(inspect.signature(target).parameters)
+        if found != expected:
+            raise RuntimeError(
+                f"plugins/checkpointing.py patches fairseq.checkpoint_utils.{name}{tuple(expected)} of fairseq "
+                f"0.12.3, but the installed fairseq has {found}: review the patch for this fairseq version"
+            )
+    if "PathManager.copy(" not in inspect.getsource(checkpoint_utils.save_checkpoint):
+        raise RuntimeError(
+            "fairseq.checkpoint_utils.save_checkpoint no longer copies checkpoints with PathManager.copy: "
+            "review plugins/checkpointing.py for this fairseq version"
+        )
+
+
+def install() -> None:
+    """Patch ``fairseq.checkpoint_utils`` (idempotent; see the module docstring)."""
+    if _ORIGINAL:
+        return
+    _check_fairseq()
+    _ORIGINAL["torch_persistent_save"] = checkpoint_utils.torch_persistent_save
+    _ORIGINAL["load_checkpoint"] = checkpoint_utils.load_checkpoint
+    checkpoint_utils.torch_persistent_save = torch_persistent_save
+    checkpoint_utils.load_checkpoint = load_checkpoint
+    checkpoint_utils.PathManager = AtomicCopyPathManager
