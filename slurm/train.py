@@ -16,6 +16,7 @@ them). The offset is never saved: the checkpoint keeps the true training time.
 """
 
 import logging
+import os
 import signal
 import sys
 
@@ -28,6 +29,9 @@ logger = logging.getLogger("slurm.train")
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    # fairseq-train's log format (set before anything logs: the first log call would fix Python's default)
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout)  # fmt: skip
     if "--stop-time-hours" not in argv:
         argv += ["--stop-time-hours", _NEVER_HOURS]
     requested = {"stop": False}
