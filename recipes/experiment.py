@@ -38,8 +38,6 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from plugins.errors import UserError
-
 ROOT = Path(os.path.abspath(__file__)).parents[1]  # not resolve(): fairseq compares abspath()s of --user-dir
 EXPERIMENTS = ROOT / "recipes" / "experiments"
 
@@ -47,6 +45,13 @@ EXPERIMENTS = ROOT / "recipes" / "experiments"
 FIXED_TRAIN = ["--task", "segment_lm", "--criterion", "aux_cross_entropy"]
 OWNED_BY_LAUNCHER = {"save-dir", "tensorboard-logdir", "log-format", "log-file", "user-dir", "task", "criterion",
                      "distributed-world-size", "distributed-port", "distributed-no-spawn", "path"}  # fmt: skip
+
+
+class UserError(ValueError):
+    """Bad experiment input: reported as one ``error:`` line. (Not plugins.errors.UserError: importing
+    ``plugins`` imports fairseq, which a submitted job's supervising process does not need.)"""
+
+
 TOP_LEVEL = {"description", "base", "data", "prepare", "arch", "train", "sweep", "eval", "resources"}
 
 
@@ -249,11 +254,12 @@ def validate(exp: Experiment, runs: List[Run]) -> None:
         with _parser_errors(where):
             cfg = convert_namespace_to_omegaconf(args)
         if ARCH_MODEL_NAME_REGISTRY.get(args.arch) == "efficient_lm":
+            from plugins.errors import UserError as PluginError
             from plugins.models.efficient_lm import validate_config
 
             try:
                 validate_config(cfg.model)  # what build_model checks, before any data is read
-            except UserError as e:
+            except PluginError as e:
                 raise UserError(f"{where}: {e}") from None
         with _parser_errors(f"{where} eval"):
             options.parse_args_and_arch(options.get_eval_lm_parser(), input_args=run.eval_args)

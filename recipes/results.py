@@ -52,7 +52,9 @@ def _pairs(text: str, sep: str) -> Dict[str, float]:
     return out
 
 
-_JSON_LINE = re.compile(r"(?:\| |INFO:)(train_inner|valid)(?: \| |:)(\{.*\})\s*$")  # fairseq's or Python's default format
+_JSON_LINE = re.compile(
+    r"(?:\| |INFO:)(train_inner|valid)(?: \| |:)(\{.*\})\s*$"
+)  # fairseq's or Python's default format
 
 
 def _json_stats(text: str, prefix: str = "") -> Dict[str, float]:

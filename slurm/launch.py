@@ -19,6 +19,7 @@ unfinished runs (from ``checkpoint_last.pt``) and skips finished ones (``eval.js
 
 import argparse
 import json
+import logging
 import re
 import shlex
 import subprocess
@@ -28,9 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-from plugins.errors import UserError
 from recipes import experiment as experiments
-from recipes.experiment import ROOT, Experiment, Run, fairseq_tool
+from recipes.experiment import ROOT, Experiment, Run, UserError, fairseq_tool
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -308,9 +308,10 @@ def main(argv=None) -> int:
     return 0 if ok else 1
 
 
-def cli() -> None:
+def cli(argv=None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # fairseq's and hydra's info lines are noise here
     try:
-        sys.exit(main())
+        sys.exit(main(argv))
     except UserError as e:
         sys.exit(f"error: {e}")
 
