@@ -236,9 +236,10 @@ def _parser_errors(where: str):
         raise UserError(f"{where}: {message}") from None
 
 
-def validate(exp: Experiment, runs: List[Run]) -> None:
+def validate(exp: Experiment, runs: List[Run], require_data: bool = True) -> None:
     """Parse every run's exact argument lists with fairseq's parsers and build the configs (no data is
-    read, nothing is trained); check that the data is there."""
+    read, nothing is trained); check that the data is there (only warn with ``require_data=False``: a dry
+    run or sbatch scripts written on a machine without the data)."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.models import ARCH_MODEL_NAME_REGISTRY
@@ -246,7 +247,10 @@ def validate(exp: Experiment, runs: List[Run]) -> None:
     data = Path(runs[0].data)
     if not (data / "dict.txt").is_file():
         hint = f": prepare it with `{exp.spec['prepare']}`" if exp.spec.get("prepare") else ""
-        raise UserError(f"{exp.path}: data dir {data} not found (no dict.txt){hint}")
+        message = f"{exp.path}: data dir {data} not found (no dict.txt){hint}"
+        if require_data:
+            raise UserError(message)
+        print(f"warning: {message}", file=sys.stderr)
     for run in runs:
         where = f"{exp.path.name} [{run.name}]"
         with _parser_errors(where):
@@ -265,7 +269,7 @@ def validate(exp: Experiment, runs: List[Run]) -> None:
             options.parse_args_and_arch(options.get_eval_lm_parser(), input_args=run.eval_args)
         subset = next((run.eval_args[i + 1] for i, a in enumerate(run.eval_args) if a == "--gen-subset"), "test")
         for split in {subset, getattr(args, "valid_subset", "valid").split(",")[0], "train"}:
-            if not (data / f"{split}.idx").is_file():
+            if (data / "dict.txt").is_file() and not (data / f"{split}.idx").is_file():
                 raise UserError(f"{where}: data dir {data} has no '{split}' split")
 
 

@@ -59,7 +59,7 @@ def prepare(args) -> tuple:
         exp.spec.setdefault("resources", {})["time_min"] = args.time_min
     runs_dir = Path(args.runs_dir).absolute() if args.runs_dir else ROOT / "runs" / exp.name
     runs = experiments.make_runs(exp, runs_dir, sweep=args.sweep)
-    experiments.validate(exp, runs)
+    experiments.validate(exp, runs, require_data=not (args.dry_run or args.emit_sbatch))
     return exp, runs_dir, runs
 
 
