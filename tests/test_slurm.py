@@ -195,6 +195,15 @@ def test_emitted_sbatch_scripts_run_the_same_commands(data_bin, tmp_path, capsys
         assert expanded == run.train_args
 
 
+@pytest.mark.parametrize("committed", sorted((ROOT / "slurm" / "sbatch").iterdir()), ids=lambda p: p.name)
+def test_committed_sbatch_scripts_are_generated_from_the_experiment_files(committed, tmp_path, capsys):
+    """slurm/sbatch/<experiment>/ is what --emit-sbatch writes for that experiment file (regenerate it when
+    the file changes: python -m slurm.launch <experiment> --sweep --emit-sbatch slurm/sbatch/<experiment>)."""
+    launch.main([committed.name, "--sweep", "--emit-sbatch", str(tmp_path)])
+    fresh = {p.name: p.read_text().replace(str(tmp_path), f"slurm/sbatch/{committed.name}") for p in tmp_path.iterdir()}
+    assert fresh == {p.name: p.read_text() for p in committed.iterdir()}
+
+
 # -- local sweep end to end, the report, resume exactness ------------------------------------------
 @pytest.fixture(scope="module")
 def local_sweep(data_bin, tmp_path_factory):
