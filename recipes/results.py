@@ -6,8 +6,16 @@ fairseq's ``--log-format simple`` lines are parsed, e.g.::
     ... | valid | epoch 001 | valid on 'valid' subset | loss 3.138 | nll_loss 3.138 | bpb 3.1377 | ... | num_updates 60
     ... | fairseq_cli.train | num. shared model params: 1,234 (num. trained: 1,234)
     INFO:fairseq_cli.eval_lm:Loss (base 2): 3.1377, Perplexity: 8.80
+
+and so are ``--log-format json`` lines (what ``slurm.launch`` runs write), e.g.::
+
+    ... | INFO | train_inner | {"epoch": 1, "loss": "4.665", "bpb": "4.6647", "wps": "1181.5", "num_updates": "15", "wall": "7"}
+    ... | INFO | valid | {"epoch": 1, "valid_loss": "4.913", "valid_bpb": "4.913", "valid_num_updates": "10"}
+
+A log that was resumed repeats the updates done after the last checkpoint; the later entry is kept.
 """
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,10 +52,38 @@ def _pairs(text: str, sep: str) -> Dict[str, float]:
     return out
 
 
+_JSON_LINE = re.compile(
+    r"(?:\| |INFO:)(train_inner|valid)(?: \| |:)(\{.*\})\s*$"
+)  # fairseq's or Python's default format
+
+
+def _json_stats(text: str, prefix: str = "") -> Dict[str, float]:
+    out = {}
+    for key, value in json.loads(text).items():
+        try:
+            out[key[len(prefix) :] if prefix and key.startswith(prefix) else key] = float(value)
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
+def _last_per_update(rows: List[Dict[str, float]]) -> List[Dict[str, float]]:
+    """One entry per update, the last one logged (a resumed run repeats the updates after its checkpoint)."""
+    by_update = {}
+    for row in rows:
+        by_update[row.get("num_updates", len(by_update))] = row
+    return [by_update[k] for k in sorted(by_update)]
+
+
 def parse_log(path, name: Optional[str] = None) -> RunLog:
     run = RunLog(name or Path(path).stem)
     for line in Path(path).read_text(errors="replace").splitlines():
-        if "| train_inner |" in line:
+        json_line = _JSON_LINE.search(line)
+        if json_line and json_line.group(1) == "train_inner":
+            run.train.append(_json_stats(json_line.group(2)))
+        elif json_line and json_line.group(1) == "valid":
+            run.valid.append(_json_stats(json_line.group(2), prefix="valid_"))
+        elif "| train_inner |" in line:
             run.train.append(_pairs(line.split("| train_inner |", 1)[1], "="))
         elif "| valid |" in line and "valid on" in line:
             run.valid.append(_pairs(line.split("subset", 1)[1], " "))
@@ -55,6 +91,7 @@ def parse_log(path, name: Optional[str] = None) -> RunLog:
             run.params = int(re.search(r"params: ([\d,]+)", line).group(1).replace(",", ""))
         elif "Loss (base 2):" in line:
             run.eval_loss = float(re.search(rf"Loss \(base 2\): ({_NUMBER})", line).group(1))
+    run.train, run.valid = _last_per_update(run.train), _last_per_update(run.valid)
     return run
 
 
@@ -78,30 +115,40 @@ def results_table(runs: List[RunLog], eval_label: str = "test") -> str:
     return "\n".join(lines)
 
 
+X_LABELS = {"num_updates": "updates", "wall": "wall time (s)"}
+
+
+def draw_curves(ax, runs: List[RunLog], x: str = "num_updates", labels: Optional[List[str]] = None) -> None:
+    """Train (thin) and valid (markers) loss in bits per token against ``x`` (updates or wall seconds),
+    one colour per run, on a log scale (early losses are 10x the final ones; the gaps are at the end)."""
+    import matplotlib.ticker
+
+    for i, run in enumerate(runs):
+        color, label = f"C{i % 10}", (labels[i] if labels else run.name)
+        t = [r for r in run.train if x in r and "loss" in r]
+        ax.plot([r[x] for r in t], [r["loss"] for r in t], color=color, lw=1, alpha=0.7, label=f"{label} train")
+        v = [r for r in run.valid if "loss" in r and "num_updates" in r]
+        if x != "num_updates":  # a validation has no wall time: use that of the last training entry before it
+            v = [{**r, x: max((e[x] for e in t if e.get("num_updates", 0) <= r["num_updates"]), default=0.0)} for r in v]  # fmt: skip
+        ax.plot([r[x] for r in v], [r["loss"] for r in v], color=color, marker="o", lw=2, label=f"{label} valid")
+    ax.set_xlabel(X_LABELS.get(x, x))
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(runs: List[RunLog], png, title: str = "") -> None:
     """Train (thin) and valid (markers) loss in bits per token against updates, one colour per run."""
     import matplotlib
-    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, run in enumerate(runs):
-        color = f"C{i}"
-        t = [r for r in run.train if "num_updates" in r and "loss" in r]
-        v = [r for r in run.valid if "num_updates" in r and "loss" in r]
-        ax.plot([r["num_updates"] for r in t], [r["loss"] for r in t], color=color, lw=1, alpha=0.7,
-                label=f"{run.name} train")  # fmt: skip
-        ax.plot([r["num_updates"] for r in v], [r["loss"] for r in v], color=color, marker="o", lw=2,
-                label=f"{run.name} valid")  # fmt: skip
-    ax.set_xlabel("updates")
+    draw_curves(ax, runs)
     ax.set_ylabel("loss (bits per token, log scale)")
-    ax.set_yscale("log")  # early losses are 10x the final ones; the gap between models is at the end
-    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=120)

@@ -1,0 +1,132 @@
+"""Results of an experiment's runs: a markdown table and loss curves.
+
+    python -m recipes.report runs/xl_memory_ptb_cpu [--out DIR] [--title TEXT]
+
+Reads every run directory below the given one (``train.log`` in fairseq's JSON log format, ``run.json``,
+``eval.json``; written by ``python -m slurm.launch``) and writes
+
+- ``results.md``: run, swept values, parameters, best validation and test metric, median training
+  tokens/s, training time. The metric is named by the data's unit, as the criterion logs it: ``bpb``
+  (bytes), ``bpc`` (characters) = the base-2 loss; ``ppl`` (words, subwords) = 2^loss;
+- ``loss_vs_updates.png`` and ``loss_vs_wall.png``: train and valid loss (bits per token) of every
+  run, one colour per run labelled by the values its sweep varied, one panel per dataset side by side.
+"""
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from recipes import results
+
+
+@dataclass
+class RunResult:
+    dir: Path
+    log: results.RunLog
+    swept: Dict[str, object] = field(default_factory=dict)
+    dataset: str = "?"
+    evaluation: Optional[dict] = None
+
+    @property
+    def metric(self) -> str:
+        return (self.evaluation or {}).get("metric") or self.log.metric
+
+    @property
+    def label(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.swept.items()) or self.log.name
+
+    def best_valid(self) -> Optional[float]:
+        values = [r[self.metric] for r in self.log.valid if self.metric in r]
+        return min(values) if values else None
+
+    def train_seconds(self) -> Optional[float]:
+        walls = [r["wall"] for r in self.log.train if "wall" in r]
+        return max(walls) if walls else None
+
+
+def find_runs(root: Path) -> List[RunResult]:
+    out = []
+    for train_log in sorted(root.rglob("train.log")):
+        run_dir = train_log.parent
+        saved = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+        name = f"{saved['experiment']}/{saved['name']}" if saved else str(run_dir.relative_to(root))
+        evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").exists() else None
+        out.append(RunResult(run_dir, results.parse_log(train_log, name), saved.get("swept") or {},
+                             Path(saved["data"]).name if saved.get("data") else "?", evaluation))  # fmt: skip
+    return out
+
+
+def _number(value: Optional[float], metric: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.2f} {metric}" if metric == "ppl" else f"{value:.4f} {metric}"
+
+
+def table(runs: List[RunResult]) -> str:
+    lines = ["| run | swept | params | best valid | test | train tokens/s | train time |",
+             "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for run in runs:
+        wps, seconds = run.log.median_wps(), run.train_seconds()
+        test = run.evaluation["value"] if run.evaluation else None
+        subset = run.evaluation.get("subset", "test") if run.evaluation else "test"
+        cells = [
+            run.log.name,
+            ", ".join(f"{k}={v}" for k, v in run.swept.items()) or "-",
+            f"{run.log.params:,}" if run.log.params else "-",
+            _number(run.best_valid(), run.metric),
+            _number(test, run.metric) + ("" if subset == "test" or test is None else f" ({subset})"),
+            f"{wps:,.0f}" if wps else "-",
+            f"{seconds:,.0f} s" if seconds is not None else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(runs: List[RunResult], png: Path, x: str, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = sorted({run.dataset for run in runs})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        group = [run for run in runs if run.dataset == dataset]
+        results.draw_curves(ax, [run.log for run in group], x=x, labels=[run.label for run in group])
+        metric = group[0].metric
+        unit = {"bpb": "bits per byte", "bpc": "bits per character"}.get(metric, "bits per token; ppl = 2^loss")
+        ax.set_ylabel(f"loss ({unit}, log scale)")
+        ax.set_title(dataset, fontsize=10)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recipes.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="a directory of runs (searched recursively for train.log)")
+    parser.add_argument("--out", help="where to write results.md and the PNGs (default: runs_dir)")
+    parser.add_argument("--title", default="", help="figure title")
+    args = parser.parse_args(argv)
+    root = Path(args.runs_dir)
+    runs = find_runs(root) if root.is_dir() else []
+    if not runs:
+        sys.exit(f"error: no runs (train.log files) under {root}")
+    out = Path(args.out) if args.out else root
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(runs)
+    (out / "results.md").write_text(text + "\n")
+    for x, name in (("num_updates", "loss_vs_updates.png"), ("wall", "loss_vs_wall.png")):
+        plot(runs, out / name, x, args.title)
+    print(text + f"\n\nwrote {out / 'results.md'}, {out / 'loss_vs_updates.png'}, {out / 'loss_vs_wall.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
