@@ -4,7 +4,7 @@ A real ``fairseq-train`` run of a memory model (``xl_tiny``, dropout on, checkpo
 and at the end of every epoch, 60 updates over two epochs) is SIGKILLed twice, at moments drawn by a
 seeded RNG from: while the ``.tmp`` of a checkpoint is being written, just after it was renamed (while
 it is copied to ``checkpoint_best.pt``/``checkpoint_last.pt``), while the state dict is built, or at a
-random time of training/validation/saving (the 2nd or 3rd save of a run). Then ``checkpoint_last.pt``
+random moment shortly after the 1st or 2nd logged interval (the others: the 2nd or 3rd save of a run). Then ``checkpoint_last.pt``
 is truncated by hand (a file damaged from outside) and the same command is restarted until it finishes
 (4 processes in all, plus the uninterrupted reference alongside). Checked after every kill and restart:
 
@@ -86,7 +86,7 @@ class Run:
     def kill_when(self, mode: str, occurrence: int, rng: random.Random) -> bool:
         """SIGKILL at the ``occurrence``-th checkpoint save in ``mode``; False if the run ended first."""
         started = None
-        delay = rng.uniform(0.0, 3.0)
+        logged, delay = rng.choice([1, 2]), rng.uniform(0.0, 0.2)  # "random": after the 1st/2nd log interval
         while self.proc.poll() is None:
             if mode == "writing .tmp":  # the .tmp of the checkpoint exists: torch.save is writing it
                 hit = self.count("Preparing to save checkpoint") >= occurrence and any(
@@ -96,8 +96,9 @@ class Run:
                 hit = self.count("Finished saving checkpoint to") >= occurrence
             elif mode == "building state":  # state_dict() and the start of the write
                 hit = self.count("Saving checkpoint to") >= occurrence
-            else:  # "random": a random moment of training, validation or saving
-                if started is None and self.count("Start iterating over samples"):
+            else:  # "random": a random moment of training, validation or saving, early enough (counted in
+                # logged intervals, not seconds, so a fast machine does not finish first) that saves remain
+                if started is None and self.count("| train_inner |") >= logged:
                     started = time.monotonic()
                 hit = started is not None and time.monotonic() - started > delay
             if hit:

@@ -247,15 +247,13 @@ def test_backward_keeps_only_the_inputs_linear_in_length():
         (dict(feature_map="softmax"), "unknown --feature-map 'softmax'"),
         (dict(linear_chunk_size=0), "--linear-chunk-size must be positive"),
         (dict(favor_features=-1), "--favor-features must be >= 0"),
-        (dict(persistent_mem_size=4), "--persistent-mem-size is not supported with --attention linear"),
+        (dict(persistent_mem_size=4), "--attention linear has no persistent memory"),
         (dict(mem_len=8, pos_emb="none", same_length=True), "has no effect with --attention linear"),
         (dict(mem_len=8), "--pos-emb sinusoidal is absolute"),
     ],
 )
 def test_bad_options_are_user_errors(lm_config, options, message):
-    cfg = lm_config(attention="linear", **{k: v for k, v in options.items() if k != "persistent_mem_size"})
-    if "persistent_mem_size" in options:  # declared by the all-attention mechanism, maybe not merged here
-        cfg = SimpleNamespace(**{**vars(cfg), "persistent_mem_size": options["persistent_mem_size"]})
+    cfg = lm_config(attention="linear", **options)
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         validate_config(cfg)
 

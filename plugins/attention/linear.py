@@ -289,11 +289,6 @@ class LinearAttention(Attention):
     @classmethod
     def check_config(cls, cfg) -> None:
         cls.check_options(cfg)
-        if getattr(cfg, "persistent_mem_size", 0) > 0:
-            raise UserError(
-                "--persistent-mem-size is not supported with --attention linear (persistent slots would have to "
-                "enter the state (S, Z) of every sequence); use --attention full"
-            )
         if getattr(cfg, "attention_dropout", 0) > 0:
             logger.warning("--attention linear has no attention weights: --attention-dropout is ignored")
 
