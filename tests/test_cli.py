@@ -61,6 +61,16 @@ def eval_lm_loss(stdout_and_err: str) -> float:
     return float(match.group(1))
 
 
+def eval_lm_on_valid(data_bin, checkpoint) -> str:
+    """``fairseq-eval-lm`` of ``checkpoint`` on the valid split with the training segment length: its output
+    (stdout + stderr), whose loss must equal the last validation of the training run."""
+    evaluated = fairseq(
+        "fairseq-eval-lm", data_bin, "--user-dir", PLUGINS, "--task", "segment_lm", "--path", checkpoint,
+        "--gen-subset", "valid", "--tokens-per-sample", "32", "--batch-size", "4", "--cpu",
+    )  # fmt: skip
+    return evaluated.stdout + evaluated.stderr
+
+
 @pytest.mark.parametrize(
     "extra",
     [[], ["--pos-emb", "none", "--mem-len", "48"]],
@@ -70,12 +80,7 @@ def test_train_then_eval_lm_reports_the_validation_loss(data_bin, tmp_path, extr
     train = fairseq("fairseq-train", data_bin, *TRAIN, *extra, "--max-update", "25", "--save-dir", tmp_path)
     assert "| train_inner |" in train.stdout and "bpb=" in train.stdout  # byte data is labelled bits per byte
     valid_bpb = last_valid(train.stdout, "bpb")
-    evaluated = fairseq(
-        "fairseq-eval-lm", data_bin, "--user-dir", PLUGINS, "--task", "segment_lm", "--path",
-        tmp_path / "checkpoint_best.pt", "--gen-subset", "valid", "--tokens-per-sample", "32",
-        "--batch-size", "4", "--cpu",
-    )  # fmt: skip
-    output = evaluated.stdout + evaluated.stderr
+    output = eval_lm_on_valid(data_bin, tmp_path / "checkpoint_best.pt")
     assert abs(eval_lm_loss(output) - valid_bpb) < 6e-4, (valid_bpb, output[-500:])
     # every byte of the split is scored once: tokens = bytes (newlines are the </s> tokens)
     n_bytes = int(re.search(r"Evaluated ([\d,]+) tokens", output).group(1).replace(",", ""))

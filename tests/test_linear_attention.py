@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_cli import BIN, ENV, PLUGINS, ROOT, TRAIN, data_bin, eval_lm_loss, fairseq, last_valid  # noqa: F401
+from test_cli import BIN, ENV, PLUGINS, ROOT, TRAIN, data_bin, eval_lm_loss, eval_lm_on_valid, fairseq, last_valid  # noqa: F401
 
 from plugins.attention import build_attention
 from plugins.attention.linear import (
@@ -277,12 +277,7 @@ def test_train_eval_lm_and_sample_with_state(data_bin, tmp_path):  # noqa: F811
                     "--linear-chunk-size", "8", "--save-dir", tmp_path)  # fmt: skip
     assert "linear" in train.stdout and "LinearAttention" in train.stdout
     valid_bpb = last_valid(train.stdout, "bpb")
-    evaluated = fairseq(
-        "fairseq-eval-lm", data_bin, "--user-dir", PLUGINS, "--task", "segment_lm", "--path",
-        tmp_path / "checkpoint_best.pt", "--gen-subset", "valid", "--tokens-per-sample", "32",
-        "--batch-size", "4", "--cpu",
-    )  # fmt: skip
-    assert abs(eval_lm_loss(evaluated.stdout + evaluated.stderr) - valid_bpb) < 6e-4
+    assert abs(eval_lm_loss(eval_lm_on_valid(data_bin, tmp_path / "checkpoint_best.pt")) - valid_bpb) < 6e-4
     prompt = " ".join(str(b) for b in b"ticket 12")
     proc = subprocess.run(
         [str(BIN / "fairseq-interactive"), str(data_bin), "--user-dir", PLUGINS, "--task", "segment_lm",

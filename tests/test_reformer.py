@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cli import PLUGINS, TRAIN, data_bin, eval_lm_loss, fairseq, last_valid  # noqa: F401 (fixture)
+from test_cli import PLUGINS, TRAIN, data_bin, eval_lm_loss, eval_lm_on_valid, fairseq, last_valid  # noqa: F401 (fixture)
 
 from plugins.attention import build_attention
 from plugins.attention.lsh import SELF_SCORE, LSHAttention, SoftmaxAndLogSumExp, even_buckets
@@ -316,11 +316,6 @@ def test_reformer_tiny_train_then_eval_lm(data_bin, tmp_path):  # noqa: F811
     train = fairseq("fairseq-train", data_bin, *args, "--max-update", "12", "--save-dir", tmp_path)
     assert "| train_inner |" in train.stdout
     valid_bpb = last_valid(train.stdout, "bpb")
-    evaluated = fairseq(
-        "fairseq-eval-lm", data_bin, "--user-dir", PLUGINS, "--task", "segment_lm", "--path",
-        tmp_path / "checkpoint_best.pt", "--gen-subset", "valid", "--tokens-per-sample", "32",
-        "--batch-size", "4", "--cpu",
-    )  # fmt: skip
-    assert abs(eval_lm_loss(evaluated.stdout + evaluated.stderr) - valid_bpb) < 6e-4
+    assert abs(eval_lm_loss(eval_lm_on_valid(data_bin, tmp_path / "checkpoint_best.pt")) - valid_bpb) < 6e-4
     bad = fairseq("fairseq-train", data_bin, *args, "--tokens-per-sample", "36", "--save-dir", tmp_path, check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --lsh-chunk-size 16")
