@@ -81,10 +81,11 @@ def layer_section(a, env, emit) -> List[Dict]:
     from recipes.benchmarks.suite.peers import PEERS
 
     specs = layer.cases(a.lengths, a.dim, a.heads, a.device)
-    for peer, entry in PEERS.items():
-        for n in a.lengths:
-            specs.append(dict(peer=peer, mechanism=entry.mechanism, label="", options={}, N=n, D=a.dim, H=a.heads,
-                              device=a.device))  # fmt: skip
+    for peer, entry in PEERS.items():  # with the option variants of the mechanism it is compared with
+        for label, options in layer.VARIANTS.get(entry.mechanism, [("", {})]):
+            for n in a.lengths:
+                specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, options=options, N=n,
+                                  D=a.dim, H=a.heads, device=a.device))  # fmt: skip
     rows = []
     for spec in specs:
         row = run_case("layer", spec, a.case_timeout, a.mem_cap_gb if a.device == "cpu" else None, env, a.isolate)

@@ -15,6 +15,7 @@ import torch
 # name -> [(label, option overrides)]; a registered attention missing here runs once with its defaults.
 VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "naive": [],  # the einsum test reference: O(N^2) memory by construction, not a mechanism to rank
+    "lsh": [("H=1", {"lsh_n_hashes": 1}), ("H=2", {"lsh_n_hashes": 2})],  # bucket 64, as the peer's
 }
 
 
@@ -36,7 +37,8 @@ def cases(lengths: List[int], dim: int, heads: int, device: str) -> List[Dict]:
     return out
 
 
-def build_ours(spec: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_attention_module(spec: Dict):
+    """Our attention module for ``spec`` (attention, options, N, D, H, device), validated like a model."""
     from plugins.attention import build_attention
     from plugins.models.efficient_lm import EfficientLMConfig, validate_config
 
@@ -46,7 +48,11 @@ def build_ours(spec: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
     for name, value in spec["options"].items():
         setattr(cfg, name, value)
     validate_config(cfg)  # an invalid variant fails here, with its message in the row
-    attn = build_attention(cfg.attention, spec["D"], spec["H"], 0.0, cfg).to(spec["device"])
+    return build_attention(cfg.attention, spec["D"], spec["H"], 0.0, cfg).to(spec["device"])
+
+
+def build_ours(spec: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    attn = build_attention_module(spec)
     return lambda x: attn(x, None, 0)[0]
 
 
@@ -95,6 +101,7 @@ def add_ratios(rows: List[Dict]) -> None:
         if ref:
             r["time_vs_sdpa"] = r["time_ms"] / ref["time_ms"]
             r["mem_vs_sdpa"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
-        peers = [p for p in ok if p.get("peer") and p.get("mechanism") == r.get("attention") and p["N"] == r["N"]]
+        peers = [p for p in ok if p.get("peer") and p.get("mechanism") == r.get("attention") and p["N"] == r["N"]
+                 and p.get("label") == r.get("label")]  # fmt: skip
         if peers and not r.get("peer"):
             r["time_vs_best_peer"] = r["time_ms"] / min(p["time_ms"] for p in peers)

@@ -23,15 +23,26 @@ def _reformer_lsh(spec: Dict):
     o = spec.get("options", {})
     attn = LSHSelfAttention(dim=spec["D"], heads=spec["H"], bucket_size=o.get("lsh_bucket_size", 64),
                             n_hashes=o.get("lsh_n_hashes", 1), causal=True)  # fmt: skip
+    # (its default chunking: attend within the bucket-sized chunk and the previous one, as ours)
     attn = attn.to(spec["device"])
     return lambda x: attn(x)
 
 
 def _linear_attention_transformer(spec: Dict):
-    from linear_attention_transformer.linear_attention_transformer import SelfAttention
+    """lucidrains' ``causal_linear_attn`` (elu + 1 features, chunks of 64) between our linear layer's own
+    projections: the attention kernels are compared, not the projections around them."""
+    from linear_attention_transformer.linear_attention_transformer import causal_linear_attn
 
-    attn = SelfAttention(spec["D"], spec["H"], causal=True).to(spec["device"])
-    return lambda x: attn(x)
+    from .layer import build_attention_module
+
+    attn = build_attention_module({**spec, "attention": "linear", "options": {"pos_emb": "none"}})
+
+    def forward(x):
+        q = attn.split_heads(attn.q_proj(x))  # B x H x N x Dh
+        k, v = (attn.split_heads(t) for t in attn.kv_proj(x).chunk(2, dim=-1))
+        return attn.out_proj(attn.merge_heads(causal_linear_attn(q, k, v, bucket_size=64)))
+
+    return forward
 
 
 PEERS: Dict[str, Peer] = {
