@@ -22,6 +22,7 @@ WINDOW = 64
 CASES: List[Dict] = [
     {"attention": "full", "label": "KV cache", "options": {"pos_emb": "none"}},
     {"attention": "relative", "label": "mem 512", "options": {"pos_emb": "relative", "mem_len": 512}},
+    {"attention": "linear", "label": "RNN state", "options": {"pos_emb": "none"}},
 ]
 
 
