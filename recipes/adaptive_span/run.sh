@@ -50,20 +50,8 @@ case "$EXP" in
                  schedule=(--optimizer adagrad_clip --adagrad-clip 0.03 --cpu) ;;
   *) echo "error: unknown experiment '$EXP' (see the header of $0)" >&2; exit 2 ;;
 esac
-DATA="${DATA:-$ROOT/data-bin/$data}"
-SAVE="${SAVE:-$ROOT/checkpoints/adaptive_span_$EXP}"
-[[ -f "$DATA/dict.txt" ]] || { echo "error: $DATA has no dict.txt: binarize it first (python -m preprocess.${data%%-*} --help)" >&2; exit 2; }
-
-case "$MODE" in
-  train)
-    exec "${FAIRSEQ_TRAIN:-fairseq-train}" "$DATA" --user-dir "$ROOT/plugins" --task segment_lm \
-      --criterion aux_cross_entropy --arch "$arch" --tokens-per-sample "$tps" --batch-size "$bsz" \
-      "${schedule[@]}" --lr "$lr" --lr-scheduler polynomial_decay --end-learning-rate "$lr" \
-      --warmup-updates "$warmup" --max-update "$steps" --total-num-update "$steps" \
-      --save-dir "$SAVE" --keep-last-epochs 2 --save-interval-updates 2000 --keep-interval-updates 2 \
-      --log-format simple --log-interval 100 "$@" ;;
-  eval)
-    exec "${FAIRSEQ_EVAL_LM:-fairseq-eval-lm}" "$DATA" --user-dir "$ROOT/plugins" --task segment_lm \
-      --path "$SAVE/checkpoint_best.pt" --gen-subset test --tokens-per-sample "$tps" --batch-size 8 "$@" ;;
-  *) echo "error: mode must be train or eval, got '$MODE'" >&2; exit 2 ;;
-esac
+# linear warmup, then constant: polynomial decay to the same lr
+schedule+=(--lr "$lr" --lr-scheduler polynomial_decay --end-learning-rate "$lr" --total-num-update "$steps")
+eval_args=(--tokens-per-sample "$tps" --batch-size 8)
+source "$ROOT/recipes/segment_lm_recipe.sh"
+run_segment_lm adaptive_span "$MODE" "$@"

@@ -46,20 +46,6 @@ case "$EXP" in
                 schedule=(--optimizer adam --lr 0.001 --lr-scheduler cosine --clip-norm 0.25 --cpu) ;;
   *) echo "error: unknown experiment '$EXP' (see the header of $0)" >&2; exit 2 ;;
 esac
-DATA="${DATA:-$ROOT/data-bin/$data}"
-SAVE="${SAVE:-$ROOT/checkpoints/xl_$EXP}"
-[[ -f "$DATA/dict.txt" ]] || { echo "error: $DATA has no dict.txt: binarize it first (python -m preprocess.${data%%-*} --help)" >&2; exit 2; }
-
-case "$MODE" in
-  train)
-    exec "${FAIRSEQ_TRAIN:-fairseq-train}" "$DATA" --user-dir "$ROOT/plugins" --task segment_lm \
-      --criterion aux_cross_entropy --arch "$arch" --tokens-per-sample "$tps" --batch-size "$bsz" \
-      "${schedule[@]}" --warmup-updates "$warmup" --max-update "$steps" \
-      --save-dir "$SAVE" --keep-last-epochs 2 --save-interval-updates 2000 --keep-interval-updates 2 \
-      --log-format simple --log-interval 100 --tensorboard-logdir "$SAVE/tb" "$@" ;;
-  eval)
-    exec "${FAIRSEQ_EVAL_LM:-fairseq-eval-lm}" "$DATA" --user-dir "$ROOT/plugins" --task segment_lm \
-      --path "$SAVE/checkpoint_best.pt" --gen-subset test --tokens-per-sample "$eval_tps" --batch-size 1 \
-      --model-overrides "$eval_mem" "$@" ;;
-  *) echo "error: mode must be train or eval, got '$MODE'" >&2; exit 2 ;;
-esac
+eval_args=(--tokens-per-sample "$eval_tps" --batch-size 1 --model-overrides "$eval_mem")
+source "$ROOT/recipes/segment_lm_recipe.sh"
+run_segment_lm xl "$MODE" "$@"
