@@ -25,3 +25,23 @@ def test_smoke_run_covers_every_registered_attention(tmp_path):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (run_dir / "summary.md").read_text()
     assert "## One attention layer" in summary and "## Goals" in summary
+
+
+def test_quality_presets_are_sized_to_full_tiny():
+    """Every ``*_tiny`` preset the quality section trains ends within 10% of ``full_tiny``'s parameters on a
+    character vocabulary (all-attention by its persistent slots, the others by their feed-forward width)."""
+    from conftest import make_dictionary
+
+    from recipes.benchmarks.suite import quality
+
+    dictionary, segment = make_dictionary(50), 64
+    target, _ = quality.parameter_count(quality.REFERENCE, dictionary, {}, segment)
+    resized = {}
+    for preset in quality.tiny_presets():
+        sized = quality.sized_overrides(preset, dictionary, target, segment)
+        params, _ = quality.parameter_count(preset, dictionary, sized, segment)
+        assert abs(params / target - 1) <= 0.10, (preset, sized, params, target)
+        if sized:
+            resized[preset] = sized
+    assert resized["all_attention_tiny"].keys() == {"persistent_mem_size"}
+    assert resized["compressive_tiny"]["decoder_ffn_embed_dim"] < 256  # its compression convs cost parameters

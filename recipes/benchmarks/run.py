@@ -8,14 +8,14 @@
 Sections (``--only``): ``layer`` (one attention layer fwd+bwd, time and peak memory vs N, with the public
 peers installed by ``recipes/benchmarks/install_peers.sh``), ``generation`` (fairseq's generator, ms per
 token vs position), ``evaluation`` (memory vs stride-1 sliding-window evaluation: ``eval_speed``),
-``quality`` (every ``*_tiny`` preset on real PTB characters, same tokens), ``gpu`` (bf16 MFU of
-``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA only). Every case runs in its
-own process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of address space (CPU): a crash, a
+``quality`` (every ``*_tiny`` preset at ``full_tiny``'s size on real PTB characters and WikiText-2, same
+tokens), ``gpu`` (bf16 MFU of ``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA
+only). Every case runs in its own process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of address space (CPU): a crash, a
 timeout or an OOM is a row saying so.
 
 Output in ``<out>/<stamp>/``: ``results.jsonl`` (one line per case, with the settings), ``summary.md``
 (tables with ratios and the goals met / not met), ``layer_scaling.png``, ``generation.png``,
-``quality_vs_speed.png``. Compare ratios within one run: the machine is shared and absolute times drift.
+``quality_vs_speed.png`` (one panel per dataset). Compare ratios within one run: the machine is shared and absolute times drift.
 """
 
 import argparse
@@ -42,6 +42,16 @@ SIZES = {  # setting: (full, --quick, --smoke)
 }
 
 
+def _positive_ints(text: str) -> List[int]:
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a comma-separated list of positive integers")
+    return values
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,10 +65,21 @@ def parse_args(argv=None):
     p.add_argument("--out", default="runs/benchmarks/suite", help="output directory (a stamped run dir inside)")
     p.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
-    p.add_argument("--parallel", type=int, default=1, help="quality runs trained at the same time")
+    p.add_argument(
+        "--parallel", type=int, default=None,
+        help="quality runs trained at the same time (default: cores / --threads with --quick, else 1)",
+    )  # fmt: skip
+    p.add_argument(
+        "--quality-data", default=",".join(quality.DATASETS),
+        help=f"datasets of the quality section, of {', '.join(quality.DATASETS)} (default: all)",
+    )  # fmt: skip
     p.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is stopped")
     p.add_argument("--mem-cap-gb", type=float, default=16, help="address-space cap of a CPU case (0: none)")
     p.add_argument("--peers-path", default=str(REPO / "runs" / "peers"), help="folder of install_peers.sh")
+    p.add_argument(
+        "--lengths", dest="lengths_arg", type=_positive_ints,
+        help="comma-separated N of the layer section (default: by mode, up to 16384)",
+    )  # fmt: skip
     p.add_argument("--dim", type=int, default=256, help="model dim of the layer cases (heads: --heads)")
     p.add_argument("--heads", type=int, default=4)
     a = p.parse_args(argv)
@@ -66,12 +87,18 @@ def parse_args(argv=None):
         a.only = "layer,generation" if a.smoke else ",".join(SECTIONS)
     a.only = [s.strip() for s in a.only.split(",") if s.strip()]
     a.isolate = not a.smoke
+    a.quality_data = [d.strip() for d in a.quality_data.split(",") if d.strip()]
+    if set(a.quality_data) - set(quality.DATASETS) or not a.quality_data:
+        p.error(f"--quality-data: choose from {', '.join(quality.DATASETS)}")
+    if a.parallel is None:
+        a.parallel = max(1, (os.cpu_count() or 1) // a.threads) if a.quick else 1
     unknown = sorted(set(a.only) - set(SECTIONS))
     if unknown:
         p.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
     level = 2 if a.smoke else 1 if a.quick else 0
     for name, values in SIZES.items():
         setattr(a, name, values[level])
+    a.lengths = a.lengths_arg or a.lengths
     if a.smoke:
         a.dim, a.heads = 32, 2
     return a
@@ -123,10 +150,18 @@ def evaluation_section(a, env, run_dir: Path, emit) -> List[Dict]:
 def quality_section(a, env, run_dir: Path, emit) -> List[Dict]:
     from concurrent.futures import ThreadPoolExecutor
 
-    data = quality.prepare_ptb_chars(REPO / "runs" / "benchmarks" / "data")
-    presets = quality.tiny_presets()
+    from fairseq.data import Dictionary
+
+    jobs = []
+    for dataset in a.quality_data:
+        data = quality.DATASETS[dataset](REPO / "runs" / "benchmarks" / "data")
+        dictionary = Dictionary.load(str(data / "dict.txt"))
+        target, _ = quality.parameter_count(quality.REFERENCE, dictionary, {}, a.quality_segment)
+        for preset in quality.tiny_presets():
+            sized = quality.sized_overrides(preset, dictionary, target, a.quality_segment)
+            jobs.append((preset, data, run_dir / "quality" / dataset / preset, sized))
     with ThreadPoolExecutor(max_workers=a.parallel) as pool:
-        rows = list(pool.map(lambda p: quality.train_and_eval(p, data, run_dir / "quality" / p, a, env), presets))
+        rows = list(pool.map(lambda job: quality.train_and_eval(*job[:3], a, env, job[3]), jobs))
     quality.add_param_ratios(rows)
     return [emit("quality", r) for r in rows]
 

@@ -55,18 +55,22 @@ def generation_profile(rows: List[Dict], png: Path, window: int) -> None:
 
 
 def quality_vs_speed(rows: List[Dict], png: Path) -> None:
-    """Long Range Arena's figure for autoregressive LM: quality vs training speed, marker area = memory."""
+    """Long Range Arena's figure for autoregressive LM: quality vs training speed, marker area = memory;
+    one panel per dataset."""
     ok = [r for r in rows if r["status"] == "ok" and r.get("test") is not None and r.get("tokens_per_s")]
-    fig, ax = plt.subplots(figsize=(7, 5))
-    if ok:
-        biggest = max(r.get("peak_train_mb") or 1 for r in ok)
-        for r in ok:
-            size = 60 + 900 * (r.get("peak_train_mb") or 0) / biggest
-            ax.scatter(r["tokens_per_s"], r["test"], s=size, alpha=0.5)
-            ax.annotate(r["preset"], (r["tokens_per_s"], r["test"]), fontsize=8, ha="center", va="center")
-        ax.set_ylabel(f"test {ok[0]['metric']} (lower is better)")
-    ax.set(xlabel="training tokens/s (higher is better)", title="quality vs speed (marker area: peak train memory)")
-    ax.grid(True, alpha=0.3)
+    datasets = list(dict.fromkeys(r.get("dataset", "") for r in ok)) or [""]
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        mine = [r for r in ok if r.get("dataset", "") == dataset]
+        if mine:
+            biggest = max(r.get("peak_train_mb") or 1 for r in mine)
+            for r in mine:
+                size = 60 + 900 * (r.get("peak_train_mb") or 0) / biggest
+                ax.scatter(r["tokens_per_s"], r["test"], s=size, alpha=0.5)
+                ax.annotate(r["preset"], (r["tokens_per_s"], r["test"]), fontsize=8, ha="center", va="center")
+            ax.set_ylabel(f"test {mine[0]['metric']} (lower is better)")
+        ax.set(xlabel="training tokens/s (higher is better)", title=f"{dataset}: quality vs speed (area: peak memory)")
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)

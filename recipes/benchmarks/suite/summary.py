@@ -36,6 +36,28 @@ def layer_table(rows: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+def quality_tables(rows: List[Dict], a) -> List[str]:
+    """One table per dataset, best test first."""
+    parts = []
+    for dataset in dict.fromkeys(r.get("dataset", "ptb-chars") for r in rows):
+        mine = sorted((r for r in rows if r.get("dataset", "ptb-chars") == dataset),
+                      key=lambda r: (r["status"] != "ok", r.get("test") or float("inf")))  # fmt: skip
+        metric = next((r["metric"] for r in mine if r.get("metric")), "")
+        parts += [f"## Quality at equal budget: {dataset} ({a.quality_updates} updates of {a.quality_batch} x "
+                  f"{a.quality_segment} tokens for every preset, test {metric})", "",
+                  "| preset | params | vs full_tiny | sized by | valid | test | train tokens/s | peak train MB |",
+                  "|---|---:|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+        for r in mine:
+            if r["status"] != "ok":
+                parts.append(f"| {r['preset']} | {r['status']}: {r.get('error', '')} | | | | | | |")
+                continue
+            parts.append(f"| {r['preset']} | {r['params']:,} | {_fmt(r.get('params_vs_full'))} | "
+                         f"{r.get('sized') or '–'} | {_fmt(r.get('valid'), '.3f')} | {_fmt(r.get('test'), '.3f')} | "
+                         f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('peak_train_mb'), ',.0f')} |")  # fmt: skip
+        parts.append("")
+    return parts
+
+
 def goals(rows: Dict[str, List[Dict]]) -> List[str]:
     out = []
     layer_ok = [r for r in rows["layer"] if r["status"] == "ok"]
@@ -100,17 +122,7 @@ def summarize(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: float) -> str
             parts.append(f"- C={r['context']}: {r['memory_over_stride1']:.0f}x" if r["status"] == "ok" else f"- {r}")
         parts.append("")
     if rows["quality"]:
-        parts += ["## Quality at equal budget (PTB characters, same tokens for every preset)", "",
-                  "| preset | params | vs full_tiny | valid | test | train tokens/s | peak train MB |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for r in rows["quality"]:
-            if r["status"] != "ok":
-                parts.append(f"| {r['preset']} | {r['status']}: {r.get('error', '')} | | | | | |")
-                continue
-            parts.append(f"| {r['preset']} | {r['params']:,} | {_fmt(r.get('params_vs_full'))} | "
-                         f"{_fmt(r.get('valid'), '.3f')} {r['metric']} | {_fmt(r.get('test'), '.3f')} | "
-                         f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('peak_train_mb'), ',.0f')} |")  # fmt: skip
-        parts.append("")
+        parts += quality_tables(rows["quality"], a)
     if rows["gpu"]:
         parts += ["## GPU: bf16 training MFU", ""]
         for r in rows["gpu"]:
