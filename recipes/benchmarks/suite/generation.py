@@ -4,8 +4,9 @@ A randomly initialised ``efficient_lm`` (speed does not depend on the weights) g
 ``tokens`` tokens after ``</s>`` (``min_len = max_len``, so no early stop); a wrapper around the decoder's forward
 stamps every step, so the time of a step is everything the generator does for that token (decoder call
 with ``incremental_state``, log-softmax, sampling, bookkeeping). Each mechanism decodes with its own
-state: the K/V cache for full attention (grows with the position), a bounded memory for Transformer-XL
-(``--mem-len``), (S, Z) for linear attention (constant). ``late / early``: mean step time over the last
+state: the K/V cache for full, sparse and LSH attention (grows with the position), a bounded memory for
+Transformer-XL (``--mem-len``), memory + compressed memory for the Compressive Transformer, a memory as
+long as the largest span for adaptive span, (S, Z) for linear attention (constant). ``late / early``: mean step time over the last
 64 positions divided by that over positions 64-127 (the promise of RNN-mode decoding is ~1.0).
 """
 
@@ -17,19 +18,28 @@ import torch
 
 WINDOW = 64
 
-# (attention, label, option overrides) of the generation cases; options not valid for an attention are
-# rejected by the model's own validation and reported as an error row.
+# (attention, label, option overrides) of the generation cases; ``pos_emb`` is the attention's own encoding
+# if it has one, else none (as in the layer section). Options not valid for an attention are rejected by
+# the model's own validation and reported as an error row.
 CASES: List[Dict] = [
-    {"attention": "full", "label": "KV cache", "options": {"pos_emb": "none"}},
-    {"attention": "relative", "label": "mem 512", "options": {"pos_emb": "relative", "mem_len": 512}},
-    {"attention": "linear", "label": "RNN state", "options": {"pos_emb": "none"}},
-]
+    {"attention": "full", "label": "KV cache", "options": {}},
+    {"attention": "relative", "label": "mem 512", "options": {"mem_len": 512}},
+    {"attention": "compressive", "label": "mem 256 + cmem 64 (c=4)",
+     "options": {"mem_len": 256, "cmem_len": 64, "compression_rate": 4}},
+    {"attention": "adaptive_span", "label": "span <= 512, mem 512", "options": {"max_span": 512, "mem_len": 512}},
+    {"attention": "sparse", "label": "fixed, KV cache", "options": {}},
+    {"attention": "lsh", "label": "1 hash, KV cache", "options": {"lsh_n_hashes": 1}},
+    {"attention": "linear", "label": "RNN state", "options": {}},
+]  # fmt: skip
 
 
 def build_model(spec: Dict):
     from fairseq.data import Dictionary
 
+    from plugins.attention import ATTENTION_REGISTRY
     from plugins.models.efficient_lm import EfficientLM, EfficientLMConfig
+
+    from .layer import default_pos_emb
 
     dictionary = Dictionary()
     for b in range(256):
@@ -37,7 +47,9 @@ def build_model(spec: Dict):
     cfg = EfficientLMConfig()
     values = dict(attention=spec["attention"], decoder_layers=spec["L"], decoder_embed_dim=spec["D"],
                   decoder_ffn_embed_dim=4 * spec["D"], decoder_attention_heads=spec["H"], dropout=0.0,
-                  tokens_per_sample=spec["tokens"] + 1, max_target_positions=spec["tokens"] + 1)  # fmt: skip
+                  tokens_per_sample=spec["tokens"], max_target_positions=spec["tokens"] + 1)  # fmt: skip
+    # tokens_per_sample = tokens (multiples of 64: LSH's chunks must divide it); positions up to tokens + 1
+    values["pos_emb"] = default_pos_emb(ATTENTION_REGISTRY[spec["attention"]].cls)
     for name, value in {**values, **spec["options"]}.items():
         setattr(cfg, name, value)
     task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, token_unit="byte")
