@@ -4,8 +4,11 @@ summary are written. Speed itself is never asserted."""
 
 import json
 
+import pytest
+import torch
+
 from plugins.attention import ATTENTION_REGISTRY
-from recipes.benchmarks import run
+from recipes.benchmarks import memory, run
 from recipes.benchmarks.suite import layer
 
 
@@ -45,3 +48,24 @@ def test_quality_presets_are_sized_to_full_tiny():
             resized[preset] = sized
     assert resized["all_attention_tiny"].keys() == {"persistent_mem_size"}
     assert resized["compressive_tiny"]["decoder_ffn_embed_dim"] < 256  # its compression convs cost parameters
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    """``memory.peak_memory`` on CPU: a step that allocates and touches 64 MiB reports about 64 MiB (the
+    high-water mark is reset before it, so the test process's earlier peaks do not hide it); a step that
+    allocates nothing reports almost nothing."""
+    mib = 2**20
+    peak, exact = memory.peak_memory(lambda: torch.ones(16 * mib).sum(), "cpu")  # 16 Mi float32, written
+    if not exact:
+        pytest.skip("/proc/self/clear_refs is not writable here: the peak cannot be reset")
+    assert 60 * mib <= peak < 100 * mib, peak / mib
+    idle, exact = memory.peak_memory(lambda: None, "cpu")
+    assert exact and idle < 8 * mib, idle / mib
+
+
+def test_saved_tensor_bytes_counts_each_saved_storage_once():
+    x, w = torch.randn(100, 64), torch.randn(64, 64, requires_grad=True)
+    # x @ w saves x (for w's gradient; x needs none), relu its output: two 100 x 64 storages
+    assert memory.saved_tensor_bytes(lambda: (x @ w).relu().sum()) == 2 * x.nbytes
+    # each x @ w saves the same x (counted once), the product saves both factors
+    assert memory.saved_tensor_bytes(lambda: (x @ w * (x @ w)).sum()) == 3 * x.nbytes

@@ -12,17 +12,20 @@ What is measured
 
     Per setting and S: the milliseconds of one evaluation forward (no gradient; the cache holds the layer
     inputs and their keys/values) and of one training forward + backward (the cache holds layer inputs,
-    keys/values are recomputed, as in Transformer-XL), the peak memory each step adds (the increase of the
-    process's peak resident set size during the first such step, in a fresh process per measurement, so
-    earlier steps do not hide it) and the size of the cache the layer keeps (computed from its tensors).
+    keys/values are recomputed, as in Transformer-XL), the peak memory each step adds above what was held
+    before it (``recipes.benchmarks.memory.peak_memory``, after a warm-up step) and the size of the cache
+    the layer keeps (computed from its tensors).
     The number to read is ``full / short``: how much the trimmed layer saves at that S; the ``short`` row
     should stay flat as S grows while ``full`` grows with S.
 
 How
     Every (setting, S, step kind) runs in its own ``python -m recipes.benchmarks.adaptive_span --one ...``
     process with ``OMP_NUM_THREADS`` = ``--threads`` (default 1: the 2-core box is shared); timings are the
-    median of ``--repeats`` steps after one warm-up step. float32, CPU (a GPU is used if present and
-    ``--device cuda``; then the peak is ``torch.cuda.max_memory_allocated``).
+    median of ``--repeats`` steps after one warm-up step. Peak memory (``recipes/benchmarks/memory.py``):
+    on CPU the resident-set high-water mark of the step, reset just before it, above the resident set
+    before it, in a worker run with ``memory.MALLOC_ENV`` (freed tensors leave the resident set); on CUDA
+    (``--device cuda``) ``torch.cuda.max_memory_allocated`` above ``memory_allocated`` before the step.
+    float32, CPU by default.
 
 Command (from the repository root)::
 
@@ -35,7 +38,6 @@ Output: a markdown table on stdout and in ``<out>/<stamp>.md``, one JSON line in
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,7 @@ import time
 from types import SimpleNamespace
 from typing import Dict, List, Optional
 
+from .memory import peak_memory, worker_env
 from .train_throughput import REPO, add_sized_args, resolve_sizes, save_record, start_run, versions
 
 DEFAULT_OUT = "runs/benchmarks/adaptive_span"
@@ -61,10 +64,6 @@ def short_spans(heads: int) -> List[float]:
     if heads == 1:
         return [512.0]
     return [64.0 * 8.0 ** (h / (heads - 1)) for h in range(heads)]
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def measure_one(spec: Dict) -> Dict:
@@ -102,20 +101,15 @@ def measure_one(spec: Dict) -> Dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
-    else:
-        base = peak_rss_mib()
-    step()  # warm-up, and the step whose peak is measured
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else peak_rss_mib()) - base
+    step()  # warm-up (first-call allocations, kernel selection)
+    peak, _ = peak_memory(step, device)
     times = []
     for _ in range(spec["repeats"]):
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1000)
     return {**spec, "window": window, "cache": cache, "cache_mib": cache_mib, "ms": statistics.median(times),
-            "all_ms": times, "peak_mib": max(peak, 0.0)}  # fmt: skip
+            "all_ms": times, "peak_mib": peak / 2**20}  # fmt: skip
 
 
 def parse_args(argv: Optional[List[str]] = None):
@@ -161,6 +155,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps(measure_one(json.loads(a.one))))
         return
     out, stamp, logs, env = start_run(a.out, a.threads)
+    env = worker_env(env)
     base = {k: getattr(a, k) for k in SIZES} | {"device": a.device}
     rows = []
     for S in [int(s) for s in a.spans.split(",")]:

@@ -13,9 +13,11 @@ What is measured
 
     Per model: keys per query, attention FLOPs (the two T x S products QK^T and AV plus the relative
     position term, 2 multiply-adds each: ``6 B T S D`` per layer, plus projecting the S - T memory keys and
-    values ``4 B (S - T) D^2``), median seconds per segment, the memory held for backward (bytes of every
-    tensor autograd saves during the forward: the activation memory of training), the bytes of the
-    recurrent state carried to the next segment, and the peak CUDA memory when run on a GPU. Ratios are
+    values ``4 B (S - T) D^2``), median seconds per segment, the memory held for backward (the bytes of
+    every storage autograd saves during the forward, ``memory.count_saved_tensors``: the activation memory
+    of training), the bytes of the recurrent state carried to the next segment, and on a GPU the peak CUDA
+    memory a segment adds above what was allocated before it (``memory.peak_memory``: weights, memories and
+    input excluded). ``recipes/benchmarks/memory.py`` documents both measurements. Ratios are
     xl / compressive in the same run (the machine is shared: compare ratios, not seconds across runs).
 
 How
@@ -39,6 +41,7 @@ from typing import Dict, List, Optional
 import torch
 
 from plugins.attention import build_attention
+from recipes.benchmarks.memory import count_saved_tensors, peak_memory
 from recipes.benchmarks.train_throughput import add_sized_args, resolve_sizes, save_record, start_run, versions
 
 DEFAULT_OUT = "runs/benchmarks/compressive_memory"
@@ -106,22 +109,26 @@ def step(model: Dict, mem, x) -> Dict:
     seconds, the bytes autograd saved for backward, and the keys per query."""
     attn = model["attn"]
     attn.zero_grad(set_to_none=True)
-    saved = [0]
-
-    def pack(t):
-        saved[0] += t.numel() * t.element_size()
-        return t
-
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_tensors() as saved:
         out, new_mem = attn(x, mem, model["keep"])
         loss = out.float().square().mean() + sum(t.weight * t.value for t in attn.aux_losses(new_mem).values())
     loss.backward()
     sync()
     keys = x.size(1) + mem.length + getattr(mem, "compressed_length", 0)
-    return {"seconds": time.perf_counter() - start, "saved_bytes": saved[0], "keys": keys, "new_mem": new_mem}
+    return {"seconds": time.perf_counter() - start, "saved_bytes": saved["bytes"], "keys": keys, "new_mem": new_mem}
+
+
+def step_with_peak(model: Dict, mem, x) -> Dict:
+    """``step``, with ``peak_bytes``: on CUDA the memory the step adds at its peak, else None (no CPU peak:
+    the three models share this process and its heap)."""
+    if not x.is_cuda:
+        return {**step(model, mem, x), "peak_bytes": None}
+    result = []
+    peak, _ = peak_memory(lambda: result.append(step(model, mem, x)), x.device)
+    return {**result[0], "peak_bytes": peak}
 
 
 def flops(a, keys: int) -> float:
@@ -154,11 +161,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     for _ in range(a.repeats):
         for name, m in models.items():
             x = torch.randn(a.batch_size, a.segment, a.embed_dim, device=a.device)
-            if a.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            r = step(m, mems[name], x)
-            if a.device.startswith("cuda"):
-                peak[name] = torch.cuda.max_memory_allocated()
+            r = step_with_peak(m, mems[name], x)
+            peak_bytes = r.pop("peak_bytes")
+            if peak_bytes is not None:
+                peak[name] = peak_bytes
             r["state_bytes"] = state_bytes(mems[name])
             mems[name] = r.pop("new_mem").detach()  # the next segment continues the stream
             mems[name].keys = mems[name].values = None

@@ -4,11 +4,12 @@ What is measured
     1. Training cost of one causal attention layer (d_model 256, 4 heads, batch 1, q/k/v/out projections
        included) at N = 512 ... 16384: forward + backward time (median of ``--repeats`` after a warm-up)
        and two memory figures:
-       - ``peak MB``: growth of the process's peak resident set (``ru_maxrss``) during the first forward +
-         backward of a fresh process (one process per case, so earlier cases leave nothing behind; the
-         inputs and weights are allocated before the baseline is read). It includes activations,
-         temporaries and gradients, as the OS sees them (torch's CPU allocator has no peak counter);
-       - ``saved MB``: bytes autograd keeps for backward (``saved_tensors_hooks``), exact and independent
+       - ``peak MB``: what the first forward + backward at N adds at its peak above the memory held before it
+         (``recipes/benchmarks/memory.py``: the resident-set high-water mark, reset just before the step, in a
+         fresh process per case run with ``memory.MALLOC_ENV`` so that freed tensors leave the resident set;
+         a warm-up step at N = 2 x chunk first). It includes activations, temporaries and gradients, as the
+         OS sees them (torch's CPU allocator has no peak counter);
+       - ``saved MB``: bytes autograd keeps for backward (``memory.saved_tensor_bytes``), exact and independent
          of the allocator: the activation memory a deep model pays per layer.
        Implementations:
        - ``linear``: ours (chunked causal product with the recomputing backward, ``CausalDotProduct``);
@@ -43,7 +44,6 @@ Compare ratios within one run (the machine is shared).
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -53,6 +53,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from recipes.benchmarks.memory import peak_memory, saved_tensor_bytes, worker_env
 from recipes.benchmarks.train_throughput import REPO, add_sized_args, resolve_sizes, save_record, start_run, versions
 
 DEFAULT_OUT = "runs/benchmarks/linear_attention"
@@ -106,22 +107,6 @@ def build_layer(impl: str) -> Callable:
     return lambda x: attn.out_proj(attn.merge_heads(causal_linear_attn(*projected(x), bucket_size=CHUNK)))
 
 
-def saved_bytes(fn: Callable, x) -> int:
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x)
-    return sum(storages.values())
-
-
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def train_case(impl: str, n: int, repeats: int) -> Dict:
     torch.manual_seed(0)
     layer = build_layer(impl)
@@ -131,15 +116,17 @@ def train_case(impl: str, n: int, repeats: int) -> Dict:
         layer(x).sum().backward()
 
     layer(torch.randn(1, 2 * CHUNK, D_MODEL, requires_grad=True)).sum().backward()  # libraries' first-use memory
-    base = max_rss_mb()
-    step()  # the first step at size N measures memory (and warms up)
-    peak = max_rss_mb() - base
+    peak, _ = peak_memory(step)  # the first step at size N measures memory (and warms up)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mb": peak, "saved_mb": saved_bytes(layer, x) / 2**20}
+    return {
+        "seconds": statistics.median(times),
+        "peak_mb": peak / 2**20,
+        "saved_mb": saved_tensor_bytes(layer, x) / 2**20,
+    }
 
 
 def decode_case(impl: str, position: int, steps: int) -> Dict:
@@ -286,7 +273,7 @@ def main(argv=None) -> None:
     results = {i: {} for i in impls}
     for n in a.lengths if "train" in parts else []:  # interleaved: every implementation at one N, then the next N
         for i in impls:
-            results[i][n] = run_case("train", i, n, a, env)
+            results[i][n] = run_case("train", i, n, a, worker_env(env))
             print(f"train N={n} {i}: {results[i][n]}", flush=True)
     decode = {i: {} for i in ("linear", "full")}
     for pos in (64, a.decode_position) if "decode" in parts else []:

@@ -3,9 +3,9 @@
 What is measured
     1. One attention layer (projections included), forward + backward, d_model 256, 4 heads, batch 1,
        sequence length N = 1024 ... 16384: the median time of ``--repeats`` steps after one warm-up step,
-       and the peak memory of the step above the memory held before it (the process's resident-set
-       high-water mark, reset through ``/proc/self/clear_refs`` before the step; glibc's mmap threshold
-       is fixed so that freed tensors leave the resident set). Cases: ``full``
+       and the peak memory of the step above the memory held before it (``recipes/benchmarks/memory.py``:
+       the resident-set high-water mark, reset before the step, in a worker run with ``memory.MALLOC_ENV``
+       so that freed tensors leave the resident set; the largest over the repeats). Cases: ``full``
        (PyTorch SDPA, causal), ``lsh`` with 1, 2, 4 hashing rounds (buckets and chunks of 64), and
        reformer-pytorch's ``LSHSelfAttention`` (causal, bucket_size 64, the same rounds) when it imports.
     2. A 12-layer-deep LSH model (d 256, 4 heads, FFN 1024, bytes vocabulary), one training step (forward
@@ -26,13 +26,13 @@ local-attention axial-positional-embedding product-key-memory`` (pure Python; ei
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
 
+from .memory import peak_memory, worker_env
 from .train_throughput import REPO, add_sized_args, resolve_sizes, save_record, start_run, versions
 
 DEFAULT_OUT = "runs/benchmarks/lsh_attention"
@@ -46,37 +46,18 @@ D, HEADS, BUCKET = 256, 4, 64
 
 
 # ---- measurement inside a worker process -------------------------------------------------------------
-def rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
-def reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM (the peak resident set) to the current resident set
-        return True
-    except OSError:
-        return False
-
-
 def measure(step, repeats: int) -> Dict:
     """Median seconds of ``step()`` and its peak memory (MB) above what was resident before it."""
-    import gc
-
     step()  # warm-up (first-call allocations, kernel selection)
     times, peaks = [], []
-    for _ in range(repeats):
-        gc.collect()
-        base = rss_kb("VmRSS")
-        exact = reset_peak()
+
+    def timed():
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-        peaks.append((rss_kb("VmHWM") - base) / 1024 if exact else float("nan"))
+
+    for _ in range(repeats):
+        peaks.append(peak_memory(timed)[0] / 2**20)
     return {"seconds": statistics.median(times), "peak_mb": max(peaks)}
 
 
@@ -210,10 +191,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         return
     resolve_sizes(a, SIZES)
     out, stamp, logs, env = start_run(a.out, a.threads)
-    # A fixed mmap threshold: glibc then returns every freed block >= 128 KiB to the system at once, so the
-    # resident set follows the live tensors (its default threshold grows with use and keeps freed memory
-    # resident, which would hide a step's allocations from the high-water mark).
-    env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    env = worker_env(env)  # freed tensors leave the resident set (see memory.py)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     lengths = [n for n in (1024, 2048, 4096, 8192, 16384) if n <= a.max_length]
     if a.lengths:

@@ -17,13 +17,13 @@ What is measured
     there is none in the table.
 
 How
-    Every (N, case) runs in a fresh Python process (``--worker``), one thread (``--threads``), with
-    ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc returns every freed tensor to the OS at once: the
-    resident set then follows the live tensors instead of the heap's high-water mark. Memory: after a
-    warm-up step at N = 2 L (first-call allocations), the process's peak resident set is reset
-    (``/proc/self/clear_refs``), one step at N runs, and ``peak = VmHWM - VmRSS before the step`` (the
-    input, the layer's weights and their gradients excluded). Time: the median of ``--repeats`` steps at N
-    (the first one included). Speed is noisy on a shared machine: read the ratios of one run.
+    Every (N, case) runs in a fresh Python process (``--worker``), one thread (``--threads``). Memory
+    (``recipes/benchmarks/memory.py``): after a warm-up step at N = 2 L (first-call allocations), one step
+    at N runs and its peak is the resident-set high-water mark, reset just before the step, above the
+    resident set before it (the input, the layer's weights and their gradients excluded); the worker runs
+    with ``memory.MALLOC_ENV`` so that glibc returns every freed tensor to the OS at once and the resident
+    set follows the live tensors instead of the heap's high-water mark. Time: the median of ``--repeats``
+    steps at N (the first one included). Speed is noisy on a shared machine: read the ratios of one run.
 
 Command (from the repository root)::
 
@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .memory import peak_memory, worker_env
 from .train_throughput import REPO, add_sized_args, resolve_sizes, save_record, start_run, versions
 
 DEFAULT_OUT = "runs/benchmarks/sparse_attention"
@@ -78,14 +79,6 @@ def keys_per_query(case: str, N: int) -> float:
     return total / N
 
 
-def resident_mb(key: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def worker(spec: Dict) -> Dict:
     """One case in this (fresh) process: peak memory of one step, then the step time."""
     import argparse as _argparse
@@ -110,20 +103,18 @@ def worker(spec: Dict) -> Dict:
     step(torch.randn(1, warm, spec["dim"], requires_grad=True))  # first-call allocations, kernels
     x = torch.randn(1, N, spec["dim"], requires_grad=True)
     attn.zero_grad(set_to_none=False)  # gradient buffers exist before the measured step
-    before = resident_mb("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak resident set (VmHWM)
     times = []
-    start = time.perf_counter()
-    step(x)
-    times.append(time.perf_counter() - start)
-    peak = resident_mb("VmHWM:") - before
-    for _ in range(spec["repeats"] - 1):
+
+    def timed():
         x.grad = None
         start = time.perf_counter()
         step(x)
         times.append(time.perf_counter() - start)
-    return {"case": case, "N": N, "peak_mb": peak, "times": times, "time": statistics.median(times),
+
+    peak, _ = peak_memory(timed)
+    for _ in range(spec["repeats"] - 1):
+        timed()
+    return {"case": case, "N": N, "peak_mb": peak / 2**20, "times": times, "time": statistics.median(times),
             "keys_per_query": keys_per_query(case, N)}  # fmt: skip
 
 
@@ -176,7 +167,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         print(json.dumps(worker(json.loads(a.worker))))
         return
     out, stamp, logs, env = start_run(a.out, a.threads)
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    env = worker_env(env)
     lengths = [int(n) for n in a.lengths.split(",")]
     cases = a.cases.split(",")
     rows, runs = [], []

@@ -5,21 +5,21 @@ The parent runs ``python -m recipes.benchmarks.suite.worker KIND SPEC_JSON``; th
 missing result line becomes a row with ``status`` ``timeout`` / ``oom`` / ``error`` and the last line
 of stderr, so the suite goes on.
 
-Peak memory is measured inside the worker (``peak_bytes``): on CUDA ``torch.cuda.max_memory_allocated``
-after a reset; on CPU the growth of the process's resident set during the first forward + backward
-(``ru_maxrss`` high-water mark minus the resident size just before the call, both read in the same
-fresh process, after the inputs and the module exist). The CPU number therefore includes the
-allocator's and the kernels' scratch space, as a user would see it, and not the interpreter/torch base.
+Peak memory is measured inside the worker (``peak_mb``) by ``recipes.benchmarks.memory.peak_memory``
+(one step after a warm-up step; on CPU the resident-set high-water mark, reset just before the step,
+above the resident set before it; on CUDA ``max_memory_allocated`` above ``memory_allocated``). Workers
+run with ``memory.MALLOC_ENV`` so that freed tensors leave the resident set (see ``memory``).
 """
 
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
+
+from ..memory import worker_env
 
 REPO = Path(__file__).resolve().parents[3]
 RESULT_PREFIX = "RESULT "
@@ -53,7 +53,7 @@ def run_case(
             return {**row, "status": "error", "error": f"{type(e).__name__}: {e}"[:300]}
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO,
+            cmd, capture_output=True, text=True, timeout=timeout, env=worker_env(env), cwd=REPO,
             preexec_fn=_cap_address_space(mem_cap_gb),
         )  # fmt: skip
     except subprocess.TimeoutExpired:
@@ -70,13 +70,3 @@ def run_case(
 def report(result: Dict) -> None:
     """Worker side: hand the measurement back to the parent."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)
-
-
-def resident_bytes() -> int:
-    """Current resident set size of this process (Linux)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

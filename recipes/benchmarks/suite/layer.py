@@ -12,6 +12,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from ..memory import peak_memory
+
 # name -> [(label, option overrides)]; a registered attention missing here runs once with its defaults.
 VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "naive": [],  # the einsum test reference: O(N^2) memory by construction, not a mechanism to rank
@@ -57,38 +59,29 @@ def build_ours(spec: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def measure(spec: Dict, forward: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> Dict:
-    """Peak memory of the first forward + backward, then the median time of ``repeats`` more."""
-    from .isolate import peak_resident_bytes, resident_bytes
-
+    """One warm-up forward + backward, then the median time of ``repeats`` more; the first of them also
+    gives the peak memory (``recipes.benchmarks.memory.peak_memory``: what the step adds above what was
+    held before it, first-call allocations excluded by the warm-up)."""
     device = torch.device(spec["device"])
-    cuda = device.type == "cuda"
     x = torch.randn(1, spec["N"], spec["D"], device=device, requires_grad=True)  # B x N x D
+    times = []
 
     def step():
+        start = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec.get("bf16", False)):
             out = forward(x)
         out.float().square().mean().backward()
         x.grad = None
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
-
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak, exact = torch.cuda.max_memory_allocated() - base, True
-    else:
-        high_before, base = peak_resident_bytes(), resident_bytes()
-        step()
-        high_after = peak_resident_bytes()
-        peak, exact = high_after - base, high_after > high_before  # else: below an earlier high-water mark
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
         times.append(time.perf_counter() - start)
-    return {"time_ms": 1000 * statistics.median(times), "peak_mb": max(peak, 0) / 2**20, "peak_exact": exact}
+
+    step()  # warm-up: thread pools, kernel choice, parameter gradients, lazily built buffers
+    times.clear()
+    peak, exact = peak_memory(step, device)
+    for _ in range(repeats - 1):
+        step()
+    return {"time_ms": 1000 * statistics.median(times), "peak_mb": peak / 2**20, "peak_exact": exact}
 
 
 def add_ratios(rows: List[Dict]) -> None:
