@@ -45,7 +45,30 @@ def _linear_attention_transformer(spec: Dict):
     return forward
 
 
+def _fast_transformers(spec: Dict):
+    """idiap's fast-transformers (the linear-attention paper's own code): ``CausalLinearAttention`` (elu + 1
+    features, its C++ ``causal_dot_product`` kernel) between our linear layer's projections, as above."""
+    from fast_transformers.attention.causal_linear_attention import CausalLinearAttention
+    from fast_transformers.masking import LengthMask, TriangularCausalMask
+
+    from .layer import build_attention_module
+
+    attn = build_attention_module({**spec, "attention": "linear", "options": {"pos_emb": "none"}})
+    inner = CausalLinearAttention(query_dimensions=spec["D"] // spec["H"])
+
+    def forward(x):
+        batch, n, _ = x.shape
+        q = attn.split_heads(attn.q_proj(x)).transpose(1, 2)  # B x N x H x Dh: its layout
+        k, v = (attn.split_heads(t).transpose(1, 2) for t in attn.kv_proj(x).chunk(2, dim=-1))
+        lengths = LengthMask(torch.full((batch,), n, dtype=torch.long, device=x.device), max_len=n)
+        out = inner(q, k, v, TriangularCausalMask(n, device=x.device), lengths, lengths)  # B x N x H x Dh
+        return attn.out_proj(out.reshape(batch, n, spec["D"]))
+
+    return forward
+
+
 PEERS: Dict[str, Peer] = {
     "reformer-pytorch": Peer("lsh", _reformer_lsh),
     "linear-attention-transformer": Peer("linear", _linear_attention_transformer),
+    "fast-transformers": Peer("linear", _fast_transformers),
 }
