@@ -21,9 +21,11 @@ def test_soak_records_memory_loss_and_speed_and_reports_them(tmp_path):
     records = [json.loads(line) for line in (out / "soak.jsonl").read_text().splitlines()]
     assert [r["update"] for r in records] == list(range(5, 35, 5))
     assert all(r["rss_mb"] > 50 and r["wps"] > 0 for r in records)
+    assert all(a["cpu_s"] < b["cpu_s"] for a, b in zip(records, records[1:]))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["updates"] == 30 and summary["non_finite_losses"] == 0
     assert summary["loss_end"] < summary["loss_first"]
+    assert summary["cpu_ms_per_update_first_fifth"] > 0 and summary["cpu_ms_per_update_last_fifth"] > 0
     assert (out / "checkpoints" / "checkpoint_last.pt").exists()
 
     png = tmp_path / "soaks.png"

@@ -7,11 +7,14 @@ every ``--save-every`` updates (so the checkpoint code runs throughout, as in a 
 interval it records the training process's resident memory (``VmRSS`` from ``/proc``), the loss and
 fairseq's tokens/s, then writes:
 
-- ``<out>/soak.jsonl``: one record per interval (update, seconds, rss_mb, loss, wps);
+- ``<out>/soak.jsonl``: one record per interval (update, seconds, rss_mb, loss, wps, cpu_s: the training
+  process's user + system CPU seconds so far);
 - ``<out>/soak.png``: RSS, loss and tokens/s against updates;
 - ``<out>/summary.json`` and a table on stdout: RSS after warm-up vs at the end and its slope over the
   second half (MB per 1k updates; the segment memory is detached, so there is no graph growing across
-  segments and the slope should be ~0), non-finite losses, tokens/s of the first vs the last fifth.
+  segments and the slope should be ~0), non-finite losses, tokens/s of the first vs the last fifth, and CPU
+  milliseconds per update of the first vs the last fifth (the drift measure that other jobs on a shared
+  machine do not distort, as they do tokens/s).
 
     python -m recipes.reliability.soak --updates 20000                 # the full soak (hours on 1 core)
     python -m recipes.reliability.soak --updates 2000 --arch full_tiny # a short one
@@ -56,6 +59,13 @@ def rss_mb(pid: int) -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` so far: unlike tokens/s, not diluted by other jobs on the machine."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)"; utime and stime are fields 14, 15
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(args) -> list:
     out = Path(args.out)
     save_dir = out / "checkpoints"
@@ -82,7 +92,8 @@ def run(args) -> list:
                 continue
             stats = json.loads(line.split("| train_inner | ", 1)[1])
             record = {"update": int(stats["num_updates"]), "seconds": round(time.time() - start, 1),
-                      "rss_mb": round(rss_mb(proc.pid), 1), "loss": float(stats["loss"]), "wps": float(stats["wps"])}  # fmt: skip
+                      "rss_mb": round(rss_mb(proc.pid), 1), "loss": float(stats["loss"]), "wps": float(stats["wps"]),
+                      "cpu_s": round(cpu_seconds(proc.pid), 2)}  # fmt: skip
             records.append(record)
             jsonl.write(json.dumps(record) + "\n")
             jsonl.flush()
@@ -99,6 +110,18 @@ def slope_per_1k(xs, ys) -> float:
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
     var = sum((x - mx) ** 2 for x in xs)
     return 1000 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+
+
+def cpu_per_update(records: list, fifth: int) -> dict:
+    """CPU milliseconds per update over the first and the last fifth of the run (after the first record)."""
+    if len(records) < 3 or "cpu_s" not in records[0]:
+        return {}
+
+    def rate(a, b):
+        return round(1000 * (b["cpu_s"] - a["cpu_s"]) / (b["update"] - a["update"]), 2)
+
+    return {"cpu_ms_per_update_first_fifth": rate(records[0], records[min(fifth, len(records) - 1)]),
+            "cpu_ms_per_update_last_fifth": rate(records[-fifth - 1], records[-1])}  # fmt: skip
 
 
 def summarize(records: list, args) -> dict:
@@ -121,6 +144,7 @@ def summarize(records: list, args) -> dict:
         "loss_end": records[-1]["loss"],
         "wps_first_fifth": round(statistics.median(r["wps"] for r in records[1 : fifth + 1] or records), 1),
         "wps_last_fifth": round(statistics.median(r["wps"] for r in records[-fifth:]), 1),
+        **cpu_per_update(records, fifth),
         "threads": args.threads,
         "load_average": os.getloadavg(),
     }

@@ -21,6 +21,8 @@ COLUMNS = {  # summary.json key -> column header
     "loss_end": "loss end",
     "wps_first_fifth": "tokens/s 1st fifth",
     "wps_last_fifth": "tokens/s last fifth",
+    "cpu_ms_per_update_first_fifth": "CPU ms / update 1st fifth",
+    "cpu_ms_per_update_last_fifth": "CPU ms / update last fifth",
 }
 
 
