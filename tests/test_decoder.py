@@ -154,6 +154,19 @@ def test_reorder_then_step_equals_stepping_the_reordered_batch(lm):
     assert not torch.allclose(after_reorder, decode_incrementally(model, toks, {})[:, 4:], atol=1e-3)
 
 
+def test_identity_reorder_keeps_the_cached_state_without_copying_it(lm):
+    """The generator reorders after every step, mostly with the identity: the cache is then kept as is."""
+    model = lm().eval()
+    with torch.no_grad():
+        state = {}
+        decode_incrementally(model, tokens(3, 4), state)
+        before = model.decoder.get_incremental_state(state, "state")
+        model.decoder.reorder_incremental_state_scripting(state, torch.arange(3))
+        assert model.decoder.get_incremental_state(state, "state") is before
+        model.decoder.reorder_incremental_state_scripting(state, torch.tensor([1, 0, 2]))
+        assert model.decoder.get_incremental_state(state, "state") is not before
+
+
 @pytest.mark.parametrize("variant", ["sinusoidal-postnorm", "adaptive-softmax"])
 def test_sequence_generator_scores_equal_full_forward(lm, dictionary, variant):
     """fairseq's beam search (incremental state, beam reorders) scores every hypothesis as one full

@@ -112,8 +112,15 @@ class EfficientDecoder(StreamStateMixin, FairseqIncrementalDecoder):
 
     def reorder_incremental_state(self, incremental_state, new_order: Tensor) -> None:
         state = self.get_incremental_state(incremental_state, "state")
-        if state is not None:
-            self.set_incremental_state(incremental_state, "state", state.index_select(new_order))
+        if state is None:
+            return
+        # fairseq's generator reorders after every step, mostly with the identity (sampling, beam 1, no
+        # finished hypothesis): skip copying every cached key and value then.
+        if new_order.numel() == state.batch_size and torch.equal(
+            new_order, torch.arange(new_order.numel(), device=new_order.device)
+        ):
+            return
+        self.set_incremental_state(incremental_state, "state", state.index_select(new_order))
 
     def max_positions(self) -> int:
         return getattr(self.positions, "max_positions", UNBOUNDED_POSITIONS)
