@@ -110,10 +110,13 @@ def layer_section(a, env, emit) -> List[Dict]:
     specs = layer.cases(a.lengths, a.dim, a.heads, a.device)
     for peer, entry in PEERS.items():  # with the option variants of the mechanism it is compared with
         for label, options in layer.VARIANTS.get(entry.mechanism, [("", {})]):
+            if entry.variants and label not in entry.variants:
+                continue
             for n in a.lengths:
                 specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, options=options, N=n,
                                   D=a.dim, H=a.heads, device=a.device))  # fmt: skip
-    rows = []
+    specs.sort(key=lambda spec: spec["N"])  # every case at one N close in time to its SDPA reference: the
+    rows = []  # ratios then hold when the machine's load changes during the run
     for spec in specs:
         row = run_case("layer", spec, a.case_timeout, a.mem_cap_gb if a.device == "cpu" else None, env, a.isolate)
         if row["status"] == "error" and "No module named" in row.get("error", "") and spec.get("peer"):

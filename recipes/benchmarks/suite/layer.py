@@ -18,6 +18,8 @@ from ..memory import peak_memory
 VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "naive": [],  # the einsum test reference: O(N^2) memory by construction, not a mechanism to rank
     "lsh": [("H=1", {"lsh_n_hashes": 1}), ("H=2", {"lsh_n_hashes": 2})],  # bucket 64, as the peer's
+    "sparse": [("fixed", {"sparse_pattern": "fixed"}), ("strided", {"sparse_pattern": "strided"})],  # stride 32
+    "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
 }
 
 

@@ -7,7 +7,7 @@ Install them (optional, benchmarks only) with ``bash recipes/benchmarks/install_
 the workers' ``PYTHONPATH`` (``--peers-path``).
 """
 
-from typing import Callable, Dict, NamedTuple
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import torch
 
@@ -15,6 +15,7 @@ import torch
 class Peer(NamedTuple):
     mechanism: str
     build: Callable[[Dict], Callable[[torch.Tensor], torch.Tensor]]
+    variants: Tuple[str, ...] = ()  # the labels of ``layer.VARIANTS[mechanism]`` it implements (empty: all)
 
 
 def _reformer_lsh(spec: Dict):
@@ -69,6 +70,6 @@ def _fast_transformers(spec: Dict):
 
 PEERS: Dict[str, Peer] = {
     "reformer-pytorch": Peer("lsh", _reformer_lsh),
-    "linear-attention-transformer": Peer("linear", _linear_attention_transformer),
-    "fast-transformers": Peer("linear", _fast_transformers),
+    "linear-attention-transformer": Peer("linear", _linear_attention_transformer, ("elu",)),
+    "fast-transformers": Peer("linear", _fast_transformers, ("elu",)),
 }
