@@ -115,8 +115,9 @@ def layer_section(a, env, emit) -> List[Dict]:
             for n in a.lengths:
                 specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, options=options, N=n,
                                   D=a.dim, H=a.heads, device=a.device))  # fmt: skip
-    specs.sort(key=lambda spec: spec["N"])  # every case at one N close in time to its SDPA reference: the
-    rows = []  # ratios then hold when the machine's load changes during the run
+    # By N: every case runs close in time to its SDPA reference, so the ratios hold when the load changes.
+    specs.sort(key=lambda spec: spec["N"])
+    rows = []
     for spec in specs:
         row = run_case("layer", spec, a.case_timeout, a.mem_cap_gb if a.device == "cpu" else None, env, a.isolate)
         if row["status"] == "error" and "No module named" in row.get("error", "") and spec.get("peer"):
