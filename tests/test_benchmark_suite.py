@@ -69,3 +69,16 @@ def test_saved_tensor_bytes_counts_each_saved_storage_once():
     assert memory.saved_tensor_bytes(lambda: (x @ w).relu().sum()) == 2 * x.nbytes
     # each x @ w saves the same x (counted once), the product saves both factors
     assert memory.saved_tensor_bytes(lambda: (x @ w * (x @ w)).sum()) == 3 * x.nbytes
+
+
+def test_gpu_mfu_case_runs_its_training_steps_at_tiny_sizes_on_cpu():
+    """The GPU section's code path (bf16 autocast, Adam, memory over consecutive segments, MFU arithmetic),
+    device-generic, at tiny sizes: what CUDA runs, minus the device."""
+    from recipes.benchmarks.suite import gpu
+
+    for options in ({"pos_emb": "sinusoidal"}, {"pos_emb": "relative", "mem_len": 16}):
+        attention = "relative" if "mem_len" in options else "full"
+        spec = {"attention": attention, "label": attention, "options": options, "L": 2, "D": 32, "H": 2,
+                "segment": 16, "batch": 2, "steps": 2, "warmup": 1, "matmul_n": 64, "device": "cpu"}  # fmt: skip
+        result = gpu.training_mfu(spec)
+        assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 10, result
