@@ -29,6 +29,18 @@ def test_smoke_run_covers_every_registered_attention(tmp_path):
     summary = (run_dir / "summary.md").read_text()
     assert "## One attention layer" in summary and "## Goals" in summary
 
+    (run_dir / "summary.md").unlink()  # --summarize rebuilds the report from results.jsonl alone
+    assert run.main(["--summarize", str(run_dir)]) == run_dir
+    assert (run_dir / "summary.md").read_text().split("\n", 3)[3] == summary.split("\n", 3)[3]  # all but the time
+
+
+def test_a_refused_allocation_is_an_oom_row():
+    from recipes.benchmarks.suite.isolate import failure_status
+
+    refused = "RuntimeError: DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes."
+    assert failure_status(1, refused) == "oom" and failure_status(-9, "") == "oom"
+    assert failure_status(1, "ValueError: bad option") == "error"
+
 
 def test_quality_presets_are_sized_to_full_tiny():
     """Every ``*_tiny`` preset the quality section trains ends within 10% of ``full_tiny``'s parameters on a

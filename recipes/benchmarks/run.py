@@ -26,10 +26,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from recipes.benchmarks.suite import generation, layer, plots, quality
-from recipes.benchmarks.suite.isolate import REPO, run_case
+from recipes.benchmarks.suite.isolate import REPO, failure_status, run_case
 from recipes.benchmarks.train_throughput import start_run, versions
 
 SECTIONS = ("layer", "generation", "evaluation", "quality", "gpu")
@@ -62,6 +62,7 @@ def parse_args(argv=None):
         help="tiny sizes, cases in this process, sections layer,generation unless --only: checks the logic (CI)",
     )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--summarize", metavar="RUN_DIR", help="only rebuild summary.md and the figures of an earlier run")
     p.add_argument("--out", default="runs/benchmarks/suite", help="output directory (a stamped run dir inside)")
     p.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
@@ -183,8 +184,48 @@ def gpu_section(a, env, emit) -> List[Dict]:
                                          "device": "cuda"}, a.case_timeout, None, env)) for p in presets]  # fmt: skip
 
 
+def write_report(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: Optional[float], run_dir: Path) -> str:
+    """The figures and ``summary.md`` of a run, from its rows."""
+    from recipes.benchmarks.suite.summary import summarize
+
+    if rows["layer"]:
+        plots.layer_scaling(rows["layer"], run_dir / "layer_scaling.png")
+    if rows["generation"]:
+        plots.generation_profile(rows["generation"], run_dir / "generation.png", generation.WINDOW)
+    if rows["quality"]:
+        plots.quality_vs_speed(rows["quality"], run_dir / "quality_vs_speed.png")
+    text = summarize(rows, meta, a, seconds)
+    (run_dir / "summary.md").write_text(text)
+    return text
+
+
+def resummarize(run_dir: Path) -> Path:
+    """Rebuild ``summary.md`` and the figures of an earlier run from its ``results.jsonl`` (``--summarize``)."""
+    results = run_dir / "results.jsonl"
+    records = (
+        [json.loads(line) for line in results.read_text().splitlines() if line.strip()] if results.exists() else []
+    )
+    if not records:
+        sys.exit(f"error: {results} is missing or empty: pass the directory of a suite run")
+    first = records[0]
+    a = argparse.Namespace(**first["settings"])
+    meta = {key: first[key] for key in ("date", "machine", "versions")}
+    rows = {s: [] for s in SECTIONS}
+    for record in records:
+        row = {k: v for k, v in record.items() if k not in ("settings", *meta)}
+        if row["status"] == "error" and row.get("returncode") is not None:  # classified by today's rules
+            row["status"] = failure_status(row["returncode"], row.get("error", ""))
+        rows[row["section"]].append(row)
+    layer.add_ratios(rows["layer"])
+    quality.add_param_ratios(rows["quality"])
+    print(write_report(rows, meta, a, None, run_dir))
+    return run_dir
+
+
 def main(argv=None) -> Path:
     a = parse_args(argv)
+    if a.summarize:
+        return resummarize(Path(a.summarize))
     out, stamp, run_dir, env = start_run(a.out, a.threads)
     if Path(a.peers_path).is_dir():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), a.peers_path, env.get("PYTHONPATH")]))
@@ -214,21 +255,15 @@ def main(argv=None) -> Path:
     rows = {s: [] for s in SECTIONS}
     if "layer" in a.only:
         rows["layer"] = layer_section(a, env, emit)
-        plots.layer_scaling(rows["layer"], run_dir / "layer_scaling.png")
     if "generation" in a.only:
         rows["generation"] = generation_section(a, env, emit)
-        plots.generation_profile(rows["generation"], run_dir / "generation.png", generation.WINDOW)
     if "evaluation" in a.only:
         rows["evaluation"] = evaluation_section(a, env, run_dir, emit)
     if "quality" in a.only:
         rows["quality"] = quality_section(a, env, run_dir, emit)
-        plots.quality_vs_speed(rows["quality"], run_dir / "quality_vs_speed.png")
     if "gpu" in a.only:
         rows["gpu"] = gpu_section(a, env, emit)
-    from recipes.benchmarks.suite.summary import summarize
-
-    text = summarize(rows, meta, a, time.time() - started)
-    (run_dir / "summary.md").write_text(text)
+    text = write_report(rows, meta, a, time.time() - started, run_dir)
     print("\n" + text)
     print(f"\nresults: {results}\nsummary: {run_dir / 'summary.md'}")
     return run_dir

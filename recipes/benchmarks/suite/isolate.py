@@ -63,8 +63,15 @@ def run_case(
     if proc.returncode == 0 and results:
         return {**row, "status": "ok", **json.loads(results[-1])}
     err = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-    out_of_memory = proc.returncode in (-9, 137) or "MemoryError" in proc.stderr or "out of memory" in proc.stderr
-    return {**row, "status": "oom" if out_of_memory else "error", "error": err, "returncode": proc.returncode}
+    return {**row, "status": failure_status(proc.returncode, proc.stderr), "error": err, "returncode": proc.returncode}
+
+
+OUT_OF_MEMORY = ("MemoryError", "out of memory", "can't allocate memory", "Cannot allocate memory")
+
+
+def failure_status(returncode: Optional[int], stderr: str) -> str:
+    """``oom`` when the case was killed or its allocation refused (under the cap too), else ``error``."""
+    return "oom" if returncode in (-9, 137) or any(m in stderr for m in OUT_OF_MEMORY) else "error"
 
 
 def report(result: Dict) -> None:

@@ -2,7 +2,7 @@
 each reported as met / not met / not measured with the number behind it."""
 
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from .plots import label
 
@@ -100,10 +100,11 @@ def goals(rows: Dict[str, List[Dict]]) -> List[str]:
     return out
 
 
-def summarize(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: float) -> str:
+def summarize(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: Optional[float]) -> str:
     parts = [f"# Benchmark suite, {meta['date']}", "",
              f"Machine: {meta['machine']}, device {a.device}, {a.threads} thread(s) per case; versions: "
-             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + f"; total {seconds / 60:.1f} min.",
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+             + (f"; total {seconds / 60:.1f} min." if seconds is not None else "."),
              ""]  # fmt: skip
     if rows["layer"]:
         parts += [f"## One attention layer, forward + backward (D={a.dim}, {a.heads} heads, batch 1)", "",
