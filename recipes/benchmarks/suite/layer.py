@@ -88,7 +88,9 @@ def measure(spec: Dict, forward: Callable[[torch.Tensor], torch.Tensor], repeats
 
 def add_ratios(rows: List[Dict]) -> None:
     """ratio_sdpa: time and memory over ``full`` (PyTorch SDPA) at the same N; ratio_peer: time over the
-    fastest installed public implementation of the same mechanism at the same N."""
+    fastest installed public implementation of the same function at the same N (``Peer.same_function``)."""
+    from .peers import PEERS
+
     ok = [r for r in rows if r["status"] == "ok"]
     sdpa = {r["N"]: r for r in ok if r.get("attention") == "full" and not r.get("label")}
     for r in ok:
@@ -97,6 +99,6 @@ def add_ratios(rows: List[Dict]) -> None:
             r["time_vs_sdpa"] = r["time_ms"] / ref["time_ms"]
             r["mem_vs_sdpa"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
         peers = [p for p in ok if p.get("peer") and p.get("mechanism") == r.get("attention") and p["N"] == r["N"]
-                 and p.get("label") == r.get("label")]  # fmt: skip
+                 and p.get("label") == r.get("label") and PEERS[p["peer"]].same_function]  # fmt: skip
         if peers and not r.get("peer"):
             r["time_vs_best_peer"] = r["time_ms"] / min(p["time_ms"] for p in peers)

@@ -15,9 +15,12 @@ def _fmt(value, spec: str = ".2f", none: str = "–") -> str:
 
 def layer_table(rows: List[Dict]) -> str:
     lengths = sorted({r["N"] for r in rows})
+    from .peers import PEERS
+
     by_name = defaultdict(dict)
     for r in rows:
-        by_name[label(r)][r["N"]] = r
+        different = r.get("peer") in PEERS and not PEERS[r["peer"]].same_function
+        by_name[label(r) + (" [different function]" if different else "")][r["N"]] = r
     head = "| mechanism | " + " | ".join(f"N={n} ms / MB" for n in lengths) + " | time, mem vs SDPA at largest N |"
     lines = [head, "|---" * (len(lengths) + 2) + "|"]
     for name, cells in sorted(by_name.items()):
