@@ -81,6 +81,11 @@ def parse_args(argv=None):
         "--lengths", dest="lengths_arg", type=_positive_ints,
         help="comma-separated N of the layer section (default: by mode, up to 16384)",
     )  # fmt: skip
+    p.add_argument(
+        "--mechanisms", type=lambda text: [m for m in text.split(",") if m],
+        help="comma-separated attentions of the layer section, with their peers (default: every registered one; "
+             "full, the SDPA reference, is always measured)",
+    )  # fmt: skip
     p.add_argument("--dim", type=int, default=256, help="model dim of the layer cases (heads: --heads)")
     p.add_argument("--heads", type=int, default=4)
     a = p.parse_args(argv)
@@ -108,8 +113,11 @@ def parse_args(argv=None):
 def layer_section(a, env, emit) -> List[Dict]:
     from recipes.benchmarks.suite.peers import PEERS
 
-    specs = layer.cases(a.lengths, a.dim, a.heads, a.device)
+    wanted = None if not a.mechanisms else {"full", *a.mechanisms}
+    specs = [c for c in layer.cases(a.lengths, a.dim, a.heads, a.device) if not wanted or c["attention"] in wanted]
     for peer, entry in PEERS.items():  # with the option variants of the mechanism it is compared with
+        if wanted and entry.mechanism not in wanted:
+            continue
         for label, options in layer.VARIANTS.get(entry.mechanism, [("", {})]):
             if entry.variants and label not in entry.variants:
                 continue
@@ -226,15 +234,23 @@ def main(argv=None) -> Path:
     a = parse_args(argv)
     if a.summarize:
         return resummarize(Path(a.summarize))
+    from fairseq import utils
+
+    utils.import_user_module(argparse.Namespace(user_dir=str(REPO / "plugins")))  # as fairseq-* --user-dir does
+    from plugins.attention import ATTENTION_REGISTRY
+
+    unknown = sorted(set(a.mechanisms or []) - set(ATTENTION_REGISTRY))
+    if unknown:
+        sys.exit(
+            f"error: --mechanisms {','.join(unknown)}: not registered; choose from {', '.join(ATTENTION_REGISTRY)}"
+        )
     out, stamp, run_dir, env = start_run(a.out, a.threads)
     if Path(a.peers_path).is_dir():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), a.peers_path, env.get("PYTHONPATH")]))
         sys.path.append(a.peers_path)  # for the cases run in this process (--smoke)
     import torch
-    from fairseq import utils
 
     torch.set_num_threads(a.threads)
-    utils.import_user_module(argparse.Namespace(user_dir=str(REPO / "plugins")))  # as fairseq-* --user-dir does
     settings = {k: v for k, v in vars(a).items()}
     meta = {
         "date": stamp,
