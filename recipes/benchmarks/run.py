@@ -122,7 +122,7 @@ def layer_section(a, env, emit) -> List[Dict]:
             if entry.variants and label not in entry.variants:
                 continue
             for n in a.lengths:
-                specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, options=options, N=n,
+                specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, options=layer.resolve(options, n), N=n,
                                   D=a.dim, H=a.heads, device=a.device))  # fmt: skip
     # By N: every case runs close in time to its SDPA reference, so the ratios hold when the load changes.
     specs.sort(key=lambda spec: spec["N"])

@@ -6,6 +6,7 @@ implementations of the same mechanisms run in the same suite when installed (``p
 sequence (B = 1) of N positions, model dim D, H heads, float32 on CPU (bf16 autocast available on CUDA).
 """
 
+import math
 import statistics
 import time
 from typing import Callable, Dict, List, Tuple
@@ -18,9 +19,22 @@ from ..memory import peak_memory
 VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "naive": [],  # the einsum test reference: O(N^2) memory by construction, not a mechanism to rank
     "lsh": [("H=1", {"lsh_n_hashes": 1}), ("H=2", {"lsh_n_hashes": 2})],  # bucket 64, as the peer's
-    "sparse": [("fixed", {"sparse_pattern": "fixed"}), ("strided", {"sparse_pattern": "strided"})],  # stride 32
+    "sparse": [
+        ("fixed, L=sqrt N", {"sparse_pattern": "fixed", "sparse_stride": "sqrt N"}),
+        ("strided, L=sqrt N", {"sparse_pattern": "strided", "sparse_stride": "sqrt N"}),
+    ],  # the paper's L
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
 }
+
+
+def sqrt_stride(n: int) -> int:
+    """The power of two at or above sqrt(n): Child et al. 2019's stride L ~ sqrt(N) (O(N sqrt N) work)."""
+    return 2 ** math.ceil(math.log2(n) / 2)
+
+
+def resolve(options: Dict, n: int) -> Dict:
+    """``options`` at length ``n``: the value ``"sqrt N"`` becomes ``sqrt_stride(n)``."""
+    return {k: sqrt_stride(n) if v == "sqrt N" else v for k, v in options.items()}
 
 
 def default_pos_emb(attention_cls) -> str:
@@ -36,7 +50,7 @@ def cases(lengths: List[int], dim: int, heads: int, device: str) -> List[Dict]:
         base = {"pos_emb": default_pos_emb(entry.cls)}
         for label, options in VARIANTS.get(name, [("", {})]):
             for n in lengths:
-                out.append(dict(attention=name, label=label, options={**base, **options}, N=n, D=dim, H=heads,
+                out.append(dict(attention=name, label=label, options=resolve({**base, **options}, n), N=n, D=dim, H=heads,
                                 device=device))  # fmt: skip
     return out
 
