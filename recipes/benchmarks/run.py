@@ -10,12 +10,13 @@ peers installed by ``recipes/benchmarks/install_peers.sh``), ``generation`` (fai
 token vs position), ``evaluation`` (memory vs stride-1 sliding-window evaluation: ``eval_speed``),
 ``quality`` (every ``*_tiny`` preset at ``full_tiny``'s size on real PTB characters and WikiText-2, same
 tokens), ``gpu`` (bf16 MFU of ``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA
-only). Every case runs in its own process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of address space (CPU): a crash, a
-timeout or an OOM is a row saying so.
+only). Every case runs in its own process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of
+address space (CPU): a crash, a timeout or an OOM is a row saying so.
 
 Output in ``<out>/<stamp>/``: ``results.jsonl`` (one line per case, with the settings), ``summary.md``
 (tables with ratios and the goals met / not met), ``layer_scaling.png``, ``generation.png``,
-``quality_vs_speed.png`` (one panel per dataset). Compare ratios within one run: the machine is shared and absolute times drift.
+``quality_vs_speed.png`` (one panel per dataset). Compare ratios within one run: the machine is shared and
+absolute times drift.
 """
 
 import argparse
@@ -122,8 +123,8 @@ def layer_section(a, env, emit) -> List[Dict]:
             if entry.variants and label not in entry.variants:
                 continue
             for n in a.lengths:
-                specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, options=layer.resolve(options, n), N=n,
-                                  D=a.dim, H=a.heads, device=a.device))  # fmt: skip
+                specs.append(dict(peer=peer, mechanism=entry.mechanism, label=label, N=n, D=a.dim, H=a.heads,
+                                  options=layer.resolve(options, n), device=a.device))  # fmt: skip
     # By N: every case runs close in time to its SDPA reference, so the ratios hold when the load changes.
     specs.sort(key=lambda spec: spec["N"])
     rows = []

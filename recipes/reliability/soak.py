@@ -85,7 +85,7 @@ def run(args) -> list:
     (out / "command.txt").write_text(" ".join(command) + "\n")
     records, start = [], time.time()
     with open(out / "train.log", "w") as log, open(out / "soak.jsonl", "w") as jsonl:
-        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)  # fmt: skip
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
         for line in proc.stdout:
             log.write(line)
             if "| train_inner | {" not in line:

@@ -6,8 +6,9 @@ stamps every step, so the time of a step is everything the generator does for th
 with ``incremental_state``, log-softmax, sampling, bookkeeping). Each mechanism decodes with its own
 state: the K/V cache for full, sparse and LSH attention (grows with the position), a bounded memory for
 Transformer-XL (``--mem-len``), memory + compressed memory for the Compressive Transformer, a memory as
-long as the largest span for adaptive span, (S, Z) for linear attention (constant). ``late / early``: mean step time over the last
-64 positions divided by that over positions 64-127 (the promise of RNN-mode decoding is ~1.0).
+long as the largest span for adaptive span, (S, Z) for linear attention (constant). ``late / early``:
+mean step time over the last 64 positions divided by that over positions 64-127 (the promise of RNN-mode
+decoding is ~1.0).
 """
 
 import time

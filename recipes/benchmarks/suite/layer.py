@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Tuple
 import torch
 
 from ..memory import peak_memory
+from .peers import PEERS
 
 # name -> [(label, option overrides)]; a registered attention missing here runs once with its defaults.
 VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
@@ -50,8 +51,8 @@ def cases(lengths: List[int], dim: int, heads: int, device: str) -> List[Dict]:
         base = {"pos_emb": default_pos_emb(entry.cls)}
         for label, options in VARIANTS.get(name, [("", {})]):
             for n in lengths:
-                out.append(dict(attention=name, label=label, options=resolve({**base, **options}, n), N=n, D=dim, H=heads,
-                                device=device))  # fmt: skip
+                out.append(dict(attention=name, label=label, N=n, D=dim, H=heads, device=device,
+                                options=resolve({**base, **options}, n)))  # fmt: skip
     return out
 
 
@@ -103,8 +104,6 @@ def measure(spec: Dict, forward: Callable[[torch.Tensor], torch.Tensor], repeats
 def add_ratios(rows: List[Dict]) -> None:
     """ratio_sdpa: time and memory over ``full`` (PyTorch SDPA) at the same N; ratio_peer: time over the
     fastest installed public implementation of the same function at the same N (``Peer.same_function``)."""
-    from .peers import PEERS
-
     ok = [r for r in rows if r["status"] == "ok"]
     sdpa = {r["N"]: r for r in ok if r.get("attention") == "full" and not r.get("label")}
     for r in ok:

@@ -31,14 +31,9 @@ def _reformer_lsh(spec: Dict):
     return lambda x: attn(x)
 
 
-def _linear_attention_transformer(spec: Dict):
-    """lucidrains' ``causal_linear_attn`` (chunks of 64) between our linear layer's own projections: the
-    attention kernels are compared, not the projections around them. Not the same function: it applies its
-    own feature maps (softmax over q's features, exp of k) and a query sees only the chunks before its own
-    (its own chunk's keys are left out, so the first chunk attends to nothing), which skips the C x C
-    products an exact causal kernel needs."""
-    from linear_attention_transformer.linear_attention_transformer import causal_linear_attn
-
+def _between_our_linear_projections(spec: Dict, kernel: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Our linear layer's q/k/v and output projections around a peer's causal ``kernel(q, k, v)`` (all
+    B x H x N x Dh): the attention kernels are compared, not the projections around them."""
     from .layer import build_attention_module
 
     attn = build_attention_module({**spec, "attention": "linear", "options": {"pos_emb": "none"}})
@@ -46,9 +41,20 @@ def _linear_attention_transformer(spec: Dict):
     def forward(x):
         q = attn.split_heads(attn.q_proj(x))  # B x H x N x Dh
         k, v = (attn.split_heads(t) for t in attn.kv_proj(x).chunk(2, dim=-1))
-        return attn.out_proj(attn.merge_heads(causal_linear_attn(q, k, v, bucket_size=64)))
+        return attn.out_proj(attn.merge_heads(kernel(q, k, v)))
 
     return forward
+
+
+def _linear_attention_transformer(spec: Dict):
+    """lucidrains' ``causal_linear_attn`` (chunks of 64) between our linear layer's own projections. Not the
+    same function: it applies its
+    own feature maps (softmax over q's features, exp of k) and a query sees only the chunks before its own
+    (its own chunk's keys are left out, so the first chunk attends to nothing), which skips the C x C
+    products an exact causal kernel needs."""
+    from linear_attention_transformer.linear_attention_transformer import causal_linear_attn
+
+    return _between_our_linear_projections(spec, lambda q, k, v: causal_linear_attn(q, k, v, bucket_size=64))
 
 
 def _fast_transformers(spec: Dict):
@@ -57,20 +63,15 @@ def _fast_transformers(spec: Dict):
     from fast_transformers.attention.causal_linear_attention import CausalLinearAttention
     from fast_transformers.masking import LengthMask, TriangularCausalMask
 
-    from .layer import build_attention_module
-
-    attn = build_attention_module({**spec, "attention": "linear", "options": {"pos_emb": "none"}})
     inner = CausalLinearAttention(query_dimensions=spec["D"] // spec["H"])
 
-    def forward(x):
-        batch, n, _ = x.shape
-        q = attn.split_heads(attn.q_proj(x)).transpose(1, 2)  # B x N x H x Dh: its layout
-        k, v = (attn.split_heads(t).transpose(1, 2) for t in attn.kv_proj(x).chunk(2, dim=-1))
-        lengths = LengthMask(torch.full((batch,), n, dtype=torch.long, device=x.device), max_len=n)
-        out = inner(q, k, v, TriangularCausalMask(n, device=x.device), lengths, lengths)  # B x N x H x Dh
-        return attn.out_proj(out.reshape(batch, n, spec["D"]))
+    def kernel(q, k, v):  # B x H x N x Dh; fast-transformers' layout is B x N x H x Dh
+        batch, _, n, _ = q.shape
+        lengths = LengthMask(torch.full((batch,), n, dtype=torch.long, device=q.device), max_len=n)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        return inner(q, k, v, TriangularCausalMask(n, device=q.device), lengths, lengths).transpose(1, 2)
 
-    return forward
+    return _between_our_linear_projections(spec, kernel)
 
 
 PEERS: Dict[str, Peer] = {

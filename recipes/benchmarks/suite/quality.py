@@ -87,7 +87,7 @@ def parameter_count(preset: str, dictionary, overrides: Dict, segment: int) -> T
         if hasattr(cfg, name):
             setattr(cfg, name, value)
     cfg.tokens_per_sample = cfg.max_target_positions = segment
-    task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary, token_unit="char")
+    task = SimpleNamespace(source_dictionary=dictionary, target_dictionary=dictionary)
     model = model_cls.build_model(cfg, task)
     return sum(p.numel() for p in model.parameters()), cfg
 

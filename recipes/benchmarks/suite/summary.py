@@ -4,6 +4,7 @@ each reported as met / not met / not measured with the number behind it."""
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+from .peers import PEERS
 from .plots import label
 
 SUBQUADRATIC = ("linear", "sparse", "lsh")
@@ -15,8 +16,6 @@ def _fmt(value, spec: str = ".2f", none: str = "–") -> str:
 
 def layer_table(rows: List[Dict]) -> str:
     lengths = sorted({r["N"] for r in rows})
-    from .peers import PEERS
-
     by_name = defaultdict(dict)
     for r in rows:
         different = r.get("peer") in PEERS and not PEERS[r["peer"]].same_function
@@ -54,9 +53,10 @@ def quality_tables(rows: List[Dict], a) -> List[str]:
             if r["status"] != "ok":
                 parts.append(f"| {r['preset']} | {r['status']}: {r.get('error', '')} | | | | | | |")
                 continue
-            parts.append(f"| {r['preset']} | {r['params']:,} | {_fmt(r.get('params_vs_full'))} | "
-                         f"{r.get('sized') or '–'} | {_fmt(r.get('valid'), '.3f')} | {_fmt(r.get('test'), '.3f')} | "
-                         f"{_fmt(r.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('peak_train_mb'), ',.0f')} |")  # fmt: skip
+            cells = [f"{r['params']:,}", _fmt(r.get("params_vs_full")), r.get("sized") or "–",
+                     _fmt(r.get("valid"), ".3f"), _fmt(r.get("test"), ".3f"), _fmt(r.get("tokens_per_s"), ",.0f"),
+                     _fmt(r.get("peak_train_mb"), ",.0f")]  # fmt: skip
+            parts.append(f"| {r['preset']} | " + " | ".join(cells) + " |")
         parts.append("")
     return parts
 
