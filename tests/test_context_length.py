@@ -58,6 +58,29 @@ def run_segments(model, toks: torch.Tensor, T: int) -> torch.Tensor:
 
 
 # ---- stateful LSTM -----------------------------------------------------------------------------------------
+def test_zaremba_small_preset_is_the_papers_model():
+    """Zaremba et al. 2014's small model: 2 x 200, untied, a softmax bias, every parameter in [-0.1, 0.1]
+    and spread over it (not the default N(0, 1/E) embeddings), and the paper's parameter count: embedding
+    V x 200, two LSTM layers of 4 x 200 x (200 + 200) weights (+ torch's two bias vectors), softmax 200 x V + V."""
+    args = argparse.Namespace()
+    ARCH_CONFIG_REGISTRY["lstm_zaremba_small"](args)
+    model = build_lstm(**{k: getattr(args, k) for k in vars(args)})
+    H, V = 200, len(model.decoder.dictionary)
+    assert model.decoder.output_projection.bias is not None
+    assert model.decoder.output_projection.weight is not model.decoder.embed_tokens.weight
+    for name, p in model.named_parameters():
+        assert p.abs().max() <= 0.1, name
+        if p.numel() >= 1000:  # uniform over the whole range, not a narrower default
+            assert p.abs().max() > 0.099, name
+    lstm = 2 * (4 * H * (H + H) + 2 * 4 * H)
+    assert sum(p.numel() for p in model.parameters()) == V * H + lstm + H * V + V
+
+
+def test_negative_init_range_is_refused():
+    with pytest.raises(UserError, match="--init-range"):
+        build_lstm(init_range=-0.1)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("T", [1, 5, 8])
 def test_lstm_segments_equal_one_long_pass(mode, T):

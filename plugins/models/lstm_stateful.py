@@ -54,6 +54,14 @@ class LSTMStatefulConfig(FairseqDataclass):
     share_decoder_input_output_embed: bool = field(
         default=False, metadata={"help": "tie input embedding and output projection (Press & Wolf 2017)"}
     )
+    decoder_output_bias: bool = field(
+        default=False, metadata={"help": "a bias in the output (softmax) layer, as Zaremba et al. 2014's model"}
+    )
+    init_range: float = field(
+        default=0.0,
+        metadata={"help": "if > 0, initialise every parameter uniformly in [-r, r] (Zaremba et al. 2014, "
+                  "Sec. 4: 0.1 for the small and medium models); 0 keeps the default initialisation"},
+    )  # fmt: skip
     reset_state_every_segment: bool = field(
         default=False,
         metadata={"help": "start every segment from a zero state, as fairseq's lstm_lm does (ablation of the "
@@ -82,9 +90,12 @@ class StatefulLSTMDecoder(StreamStateMixin, FairseqIncrementalDecoder):
                             dropout=cfg.dropout if cfg.decoder_layers > 1 else 0.0)  # fmt: skip
         tied = cfg.share_decoder_input_output_embed
         self.project_hidden = nn.Linear(H, E, bias=False) if tied and H != E else None
-        self.output_projection = nn.Linear(E if tied else H, V, bias=False)
+        self.output_projection = nn.Linear(E if tied else H, V, bias=cfg.decoder_output_bias)
         if tied:
             self.output_projection.weight = self.embed_tokens.weight
+        if cfg.init_range > 0:  # Zaremba et al. 2014: every weight and bias ~ U(-r, r), the padding row too
+            for parameter in self.parameters():
+                nn.init.uniform_(parameter, -cfg.init_range, cfg.init_range)
         self.adaptive_softmax = None  # read by the criterion and get_normalized_probs
         self.init_stream_state()
 
@@ -146,6 +157,8 @@ class StatefulLSTMLM(FairseqLanguageModel):
     def build_model(cls, cfg, task):
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
+        if cfg.init_range < 0:
+            raise UserError(f"--init-range must be >= 0 (0 keeps the default initialisation), got {cfg.init_range}")
         for name in ("decoder_embed_dim", "decoder_hidden_size", "decoder_layers"):
             if getattr(cfg, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")

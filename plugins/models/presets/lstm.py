@@ -33,3 +33,14 @@ def lstm_stateful_ptb(args):
     at 650 units)."""
     _defaults(args, decoder_layers=2, decoder_embed_dim=362, decoder_hidden_size=362, dropout=0.3,
               share_decoder_input_output_embed=True)  # fmt: skip
+
+
+@register_model_architecture("lstm_stateful", "lstm_zaremba_small")
+def lstm_zaremba_small(args):
+    """Zaremba et al. 2014 (Sec. 4.1), the small non-regularized model: 2 layers x 200 units, embeddings of
+    200, untied, no dropout, softmax with a bias, every parameter ~ U(-0.1, 0.1). Published on PTB words:
+    120.7 valid / 114.5 test perplexity (13 epochs of SGD; the schedule is in
+    recipes/experiments/lstm_zaremba_ptb.yaml). nn.LSTM has two bias vectors per gate where the paper's
+    model has one: their sum is the paper's bias, initialised as the sum of two U(-0.1, 0.1)."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=200, decoder_hidden_size=200, dropout=0.0,
+              share_decoder_input_output_embed=False, decoder_output_bias=True, init_range=0.1)  # fmt: skip
