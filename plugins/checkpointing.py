@@ -44,6 +44,8 @@ The project's own loader, :func:`load_checkpoint_safely`, never unpickles arbitr
 (``weights_only=True``); see README "Reliability" for which fairseq commands still do.
 """
 
+import argparse
+import collections
 import copy
 import inspect
 import logging
@@ -207,8 +209,31 @@ def _publish(tmp: str, dst: str) -> None:
     _remember_good(dst)
 
 
+def plain_namespaces(obj):
+    """``obj`` with every ``argparse.Namespace`` replaced by the plain dict of its attributes.
+
+    fairseq's legacy optimizers and lr schedulers (those registered without a dataclass: ``sgd``,
+    ``adafactor``, ``adagrad``, ``adadelta``, ``adamax``, ``lamb``, ``manual``) are configured by the whole
+    command line as an ``argparse.Namespace``, which ``convert_namespace_to_omegaconf`` stores as
+    ``cfg.optimizer`` / ``cfg.lr_scheduler`` and which the saved ``cfg`` keeps as an object. Every loader
+    under torch >= 2.6 (resume, ``fairseq-eval-lm``) refuses it (``Weights only load failed ...
+    argparse.Namespace``). The dict holds the same names and values (``Namespace(**d)`` rebuilds it);
+    no loader reads these two entries back as a Namespace (a resume configures its optimizer and scheduler
+    from its own command line, ``fairseq-eval-lm`` reads only ``cfg.task``/``cfg.model``)."""
+    if isinstance(obj, argparse.Namespace):
+        return {k: plain_namespaces(v) for k, v in vars(obj).items()}
+    if type(obj) in (dict, collections.OrderedDict):
+        return type(obj)((k, plain_namespaces(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(plain_namespaces(v) for v in obj)
+    return obj
+
+
 def torch_persistent_save(obj, filename, async_write: bool = False):
-    """fairseq's ``torch_persistent_save``, with the ``.tmp`` file fsync'ed before the rename."""
+    """fairseq's ``torch_persistent_save``, with the ``.tmp`` file fsync'ed before the rename and no
+    ``argparse.Namespace`` in the saved ``cfg`` (:func:`plain_namespaces`)."""
+    if isinstance(obj, dict) and "cfg" in obj:
+        obj = {**obj, "cfg": plain_namespaces(obj["cfg"])}
     if async_write or not PathManager.supports_rename(filename):
         return _ORIGINAL["torch_persistent_save"](obj, filename, async_write)
     tmp = filename + ".tmp"

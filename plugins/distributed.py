@@ -1,0 +1,115 @@
+"""Safe object broadcast between data-parallel ranks: a multi-process run can be resumed.
+
+What fairseq 0.12.3 does (``fairseq/distributed/utils.py``, read for this patch): ``Trainer.load_checkpoint``
+reads the checkpoint on rank 0 only (``checkpoint_utils.load_checkpoint_to_cpu``, which turns the stored
+``cfg`` dict into an ``omegaconf.DictConfig``) and sends it to the other ranks with ``broadcast_object``.
+That function replaces every tensor by a ``_TensorPlaceholder(index)``, sends the rest with
+``_broadcast_object_slow`` (``torch.save`` on rank 0, a plain ``torch.load(buffer)`` on the others) and the
+tensors with ``broadcast_tensors``. With torch >= 2.6 that ``torch.load`` defaults to ``weights_only=True``
+and refuses both the ``DictConfig`` and fairseq's own placeholder class: every resume of a run with more than
+one process dies (``Unsupported global: GLOBAL omegaconf.dictconfig.DictConfig`` on rank 1, ``Connection
+closed by peer`` on rank 0), on CPU/gloo and on GPUs/NCCL alike.
+
+What :func:`install` changes (only ``fairseq.distributed.utils._broadcast_object_slow``):
+
+- the sender turns every OmegaConf container into plain dicts/lists first
+  (``OmegaConf.to_container(resolve=False)``): exactly what the checkpoint file itself holds, since fairseq
+  saves its ``cfg`` that way; ``Trainer.load_checkpoint`` reads no config from the broadcast state;
+- the receivers unpickle with ``weights_only=True`` and one class allowed beyond torch's defaults:
+  ``_TensorPlaceholder``, a frozen dataclass holding one ``int`` (unpickling it sets that attribute and runs
+  no code). Anything else (e.g. a legacy checkpoint's ``argparse.Namespace``) is refused as
+  ``fairseq-eval-lm`` refuses it, with one line naming the object.
+
+Safe loading is not weakened: no ``weights_only=False``, no ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
+The patch checks the installed fairseq when installed and raises if the patched function or its caller
+changed, instead of patching something else.
+"""
+
+import inspect
+import io
+import pickle
+import re
+from collections import OrderedDict
+
+import torch
+from fairseq.distributed import utils as distributed_utils
+from omegaconf import OmegaConf
+
+from .errors import UserError
+
+# Parameter names of the fairseq function this module replaces (fairseq-fixed 0.12.3.1).
+PATCHED_SIGNATURE = ["obj", "src_rank", "group", "dist_device"]
+_ORIGINAL = {}
+
+
+def to_plain(obj):
+    """``obj`` with every OmegaConf container replaced by plain dicts/lists (other values unchanged)."""
+    if OmegaConf.is_config(obj):
+        return OmegaConf.to_container(obj, resolve=False)
+    if type(obj) in (dict, OrderedDict):  # exact types: torch.Size, namedtuples etc. stay what they are
+        return type(obj)((k, to_plain(v)) for k, v in obj.items())
+    if type(obj) in (list, tuple):
+        return type(obj)(to_plain(v) for v in obj)
+    return obj
+
+
+def safe_loads(payload: io.BytesIO):
+    """Unpickle a broadcast payload: tensors, plain containers and fairseq's tensor placeholders only."""
+    with torch.serialization.safe_globals([distributed_utils._TensorPlaceholder]):
+        try:
+            return torch.load(payload, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            what = f"it would create {unsafe.group(1)}" if unsafe else str(e).splitlines()[0][:160]
+            raise UserError(
+                f"refusing what rank 0 sent (a checkpoint being loaded): {what}, not only tensors and plain "
+                "values; resume from a checkpoint written by this project"
+            ) from None
+
+
+def _broadcast_object_slow(obj, src_rank, group, dist_device):
+    """fairseq's ``_broadcast_object_slow`` with plain data on the wire and a ``weights_only`` unpickle."""
+    broadcast = distributed_utils.broadcast
+    if distributed_utils.get_rank(group) == src_rank:
+        buffer = io.BytesIO()
+        torch.save(to_plain(obj), buffer)
+        buffer = torch.ByteTensor(buffer.getbuffer()).to(dist_device)
+        length = torch.LongTensor([len(buffer)]).to(dist_device)
+        broadcast(length, src=src_rank, group=group)
+        broadcast(buffer, src=src_rank, group=group)
+        return obj
+    length = torch.LongTensor([0]).to(dist_device)
+    broadcast(length, src=src_rank, group=group)
+    buffer = torch.ByteTensor(int(length.item())).to(dist_device)
+    broadcast(buffer, src=src_rank, group=group)
+    return safe_loads(io.BytesIO(buffer.cpu().numpy()))
+
+
+def _check_fairseq() -> None:
+    target = _ORIGINAL.get("_broadcast_object_slow") or getattr(distributed_utils, "_broadcast_object_slow", None)
+    found = None if target is None else list(inspect.signature(target).parameters)
+    problems = []
+    if found != PATCHED_SIGNATURE:
+        problems.append(f"_broadcast_object_slow{tuple(PATCHED_SIGNATURE)} is {found}")
+    else:
+        source = inspect.getsource(target)
+        if "torch.save(obj, buffer)" not in source or "torch.load(buffer" not in source:
+            problems.append("_broadcast_object_slow no longer pickles with torch.save/torch.load")
+    if not hasattr(distributed_utils, "_TensorPlaceholder"):
+        problems.append("_TensorPlaceholder is gone")
+    elif "_broadcast_object_slow(" not in inspect.getsource(distributed_utils.broadcast_object):
+        problems.append("broadcast_object no longer calls _broadcast_object_slow")
+    if problems:
+        raise RuntimeError(
+            f"plugins/distributed.py patches fairseq.distributed.utils of fairseq 0.12.3, but in the installed "
+            f"fairseq {'; '.join(problems)}: review the patch for this fairseq version"
+        )
+
+
+def install() -> None:
+    """Patch ``fairseq.distributed.utils._broadcast_object_slow`` (idempotent; see the module docstring)."""
+    if _ORIGINAL:
+        return
+    _check_fairseq()
+    _ORIGINAL["_broadcast_object_slow"] = distributed_utils._broadcast_object_slow
+    distributed_utils._broadcast_object_slow = _broadcast_object_slow

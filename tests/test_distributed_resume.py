@@ -1,0 +1,96 @@
+"""Resuming a run of several processes (2 CPU processes, gloo, ``recipes/cpu_distributed.sh``).
+
+fairseq loads the checkpoint on rank 0 and sends it to the other ranks with ``broadcast_object``; the
+receivers must unpickle it safely (``weights_only``) and the run must go on.
+"""
+
+import io
+import os
+import pathlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fairseq.distributed.utils import _TensorPlaceholder
+from omegaconf import OmegaConf
+
+from plugins.distributed import safe_loads, to_plain
+from plugins.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "FAIRSEQ_TRAIN": str(BIN / "fairseq-train")}
+TRAIN = [
+    "--user-dir", str(ROOT / "plugins"), "--task", "segment_lm", "--criterion", "aux_cross_entropy",
+    "--tokens-per-sample", "32", "--batch-size", "4", "--optimizer", "adam", "--lr", "0.003",
+    "--num-workers", "0", "--log-format", "simple", "--log-interval", "1", "--seed", "3", "--no-epoch-checkpoints",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_bin(tmp_path_factory):
+    """A small byte-level slice of the embedded corpus, binarized by the project's own script."""
+    tmp = tmp_path_factory.mktemp("ranks")
+    raw, out = tmp / "raw", tmp / "data-bin"
+    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
+    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
+    subprocess.run(
+        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast", "--out", out],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    return out
+
+
+def train_2_ranks(data_bin, save_dir, *args) -> str:
+    proc = subprocess.run(
+        ["bash", str(ROOT / "recipes" / "cpu_distributed.sh"), "2", str(data_bin), *TRAIN, *map(str, args),
+         "--save-dir", str(save_dir)],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert "training on 2 devices" in output
+    return output
+
+
+def train_losses(output: str) -> dict:
+    """{update: loss} of the ``train_inner`` lines (logged every update)."""
+    return {int(n): loss for loss, n in re.findall(r"\| train_inner \|.* loss=([\d.]+),.* num_updates=(\d+),", output)}
+
+
+def test_a_two_process_run_resumes(data_bin, tmp_path):
+    train_2_ranks(data_bin, tmp_path, "--arch", "xl_tiny", "--max-update", "4")
+    resumed = train_2_ranks(data_bin, tmp_path, "--arch", "xl_tiny", "--max-update", "7")
+    assert "Loaded checkpoint" in resumed and "(epoch 1 @ 4 updates)" in resumed, resumed[-3000:]
+    assert sorted(train_losses(resumed)) == [5, 6, 7]
+
+
+def test_the_broadcast_carries_plain_data_and_refuses_objects(tmp_path):
+    """What rank 0 sends: configs as plain dicts (as in the checkpoint file), fairseq's tensor placeholders;
+    a payload that would create anything else is refused without running it."""
+    state = {"cfg": OmegaConf.create({"model": {"_name": "efficient_lm", "dim": 8}}), "model": [_TensorPlaceholder(0)]}
+    state["sizes"] = [{"size": torch.Size([2, 3]), "dtype": torch.float16}]
+    buffer = io.BytesIO()
+    torch.save(to_plain(state), buffer)
+    buffer.seek(0)
+    received = safe_loads(buffer)
+    assert received["cfg"] == {"model": {"_name": "efficient_lm", "dim": 8}} and type(received["cfg"]) is dict
+    assert received["model"] == [_TensorPlaceholder(0)] and type(received["sizes"][0]["size"]) is torch.Size
+
+    marker = tmp_path / "code-ran"
+
+    class RunsCode:
+        def __reduce__(self):
+            return pathlib.Path.touch, (marker,)
+
+    buffer = io.BytesIO()
+    torch.save({"extra_state": RunsCode()}, buffer)
+    buffer.seek(0)
+    with pytest.raises(UserError, match=r"refusing what rank 0 sent .*: it would create (getattr|pathlib)"):
+        safe_loads(buffer)
+    assert not marker.exists()
