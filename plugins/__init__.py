@@ -4,12 +4,13 @@ fairseq auto-imports only ``models/`` and ``tasks/`` of a user dir; everything e
 explicitly, before them (the model's options are built from the attention registry).
 """
 
-from . import checkpointing
+from . import checkpointing, resume
 from .compat import patch_numpy
 from .errors import install_excepthook
 
 patch_numpy()
 install_excepthook()
 checkpointing.install()  # atomic checkpoint copies, resume from the newest intact checkpoint
+resume.install()  # one training per --save-dir (a lock held for the process's life)
 
 from . import attention, criterions, memory, models, modules, optim, tasks  # noqa: E402,F401
