@@ -49,6 +49,7 @@ import collections
 import copy
 import inspect
 import logging
+import math
 import os
 import pickle
 import re
@@ -61,6 +62,7 @@ from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
 from omegaconf import open_dict
 
+from . import resume
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -75,6 +77,7 @@ PREVIOUS_SUFFIX = ".prev"  # checkpoint_last.pt -> checkpoint_last.prev.pt
 _ORIGINAL = {}
 _KNOWN_GOOD = {}  # path -> (size, mtime) of a file this process wrote and fsync'ed itself, or verified
 _KNOWN_BAD = set()  # damaged files already reported when loading
+_NONFINITE = {}  # path -> problem, for the non-finite checkpoints this process wrote (never copied to _last)
 
 
 # ---- detecting a bad checkpoint ------------------------------------------------------------------
@@ -119,12 +122,44 @@ def inspect_checkpoint(path: str) -> Tuple[Optional[str], List[str]]:
         return f"unreadable ({type(e).__name__}: {_first_line(e)})", []
     if not isinstance(state, dict) or "model" not in state:
         return "not a fairseq checkpoint (no 'model' entry)", []
-    return None, []
+    return nonfinite_problem(state), []
 
 
 def _first_line(e: BaseException) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return (lines[0] if lines else type(e).__name__)[:160]
+
+
+def nonfinite_problem(state: dict) -> Optional[str]:
+    """``"non-finite (...)"`` if the checkpoint ``state`` has a NaN/inf validation loss or parameter, else ``None``.
+    Such a checkpoint loads, but a run resumed from it stops at once ("gradients are Nan/Inf")."""
+    val_loss = (state.get("extra_state") or {}).get("val_loss")
+    try:
+        if val_loss is not None and not math.isfinite(float(val_loss)):
+            return f"non-finite (validation loss {float(val_loss)})"
+    except (TypeError, ValueError):
+        pass
+    for name, value in (state.get("model") or {}).items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"non-finite (NaN/inf in {name})"
+    return None
+
+
+def _updates_in(state: dict) -> str:
+    history = state.get("optimizer_history") or [{}]
+    return str(history[-1].get("num_updates", "?"))
+
+
+def _last_finite_kept(last: str, problem: str, updates: str) -> None:
+    """One line: the non-finite checkpoint of ``updates`` is not published as ``last``."""
+    try:
+        kept = f"stays at update {_updates_in(torch.load(last, map_location='cpu', weights_only=True, mmap=True))}"
+    except Exception:
+        kept = "is not written"
+    logger.warning(
+        f"not publishing the checkpoint of update {updates} as {last}: it is {problem}; {os.path.basename(last)} "
+        f"{kept}, the last finite one (a restart resumes from there: lower --lr, or clip with --clip-norm)"
+    )
 
 
 def newest_intact_checkpoint(save_dir: str, suffix: str = "", exclude: tuple = ()) -> Optional[str]:
@@ -230,8 +265,11 @@ def plain_namespaces(obj):
 
 
 def torch_persistent_save(obj, filename, async_write: bool = False):
-    """fairseq's ``torch_persistent_save``, with the ``.tmp`` file fsync'ed before the rename and no
-    ``argparse.Namespace`` in the saved ``cfg`` (:func:`plain_namespaces`)."""
+    """fairseq's ``torch_persistent_save``, with the ``.tmp`` file fsync'ed before the rename, no
+    ``argparse.Namespace`` in the saved ``cfg`` (:func:`plain_namespaces`), and no non-finite checkpoint
+    published (:func:`_withhold_nonfinite`)."""
+    if _withhold_nonfinite(obj, filename):
+        return
     if isinstance(obj, dict) and "cfg" in obj:
         obj = {**obj, "cfg": plain_namespaces(obj["cfg"])}
     if async_write or not PathManager.supports_rename(filename):
@@ -244,11 +282,35 @@ def torch_persistent_save(obj, filename, async_write: bool = False):
     _publish(tmp, filename)
 
 
+def _withhold_nonfinite(obj, filename: str) -> bool:
+    """Remember a non-finite checkpoint; True (do not write) if it would become ``checkpoint_last.pt``."""
+    problem = nonfinite_problem(obj) if isinstance(obj, dict) else None
+    if problem is None:
+        _NONFINITE.pop(os.path.abspath(filename), None)
+        return False
+    _NONFINITE[os.path.abspath(filename)] = (problem, _updates_in(obj))
+    if _is_last_checkpoint(filename):
+        _last_finite_kept(filename, problem, _updates_in(obj))
+        return True
+    return False
+
+
+def _copy_withheld(src_path: str, dst_path: str) -> bool:
+    """True if ``src_path`` is a non-finite checkpoint and ``dst_path`` is ``checkpoint_last.pt`` (no copy)."""
+    found = _NONFINITE.get(os.path.abspath(src_path))
+    if found is None or not _is_last_checkpoint(dst_path):
+        return False
+    _last_finite_kept(dst_path, *found)
+    return True
+
+
 class AtomicCopyPathManager(PathManager):
     """``fairseq.file_io.PathManager`` whose ``copy`` of a local file is atomic (tmp, fsync, rename)."""
 
     @staticmethod
     def copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+        if _copy_withheld(src_path, dst_path):
+            return True
         if not (PathManager.supports_rename(src_path) and PathManager.supports_rename(dst_path)):
             return PathManager.copy(src_path, dst_path, overwrite=overwrite)
         if not overwrite and os.path.exists(dst_path):
@@ -284,6 +346,8 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
                     pass
     if cfg.restore_file == "checkpoint_last.pt":  # fairseq's default: resume from <save-dir>
         last = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
+        if not suffix and not os.path.exists(last):
+            cfg = _fallback_for_missing_last(cfg, last)
         problem, unsafe = inspect_checkpoint(last) if os.path.exists(last) else (None, [])
         if problem is not None:
             fallback = None if suffix else newest_intact_checkpoint(cfg.save_dir, exclude=(last,))
@@ -307,7 +371,38 @@ def load_checkpoint(cfg, trainer, **passthrough_args):
         if problem is not None:
             raise UserError(f"--restore-file {path} is {problem}: choose another checkpoint")
         _warn_unsafe(path, unsafe)
-    return _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
+    return _load_as_planned(cfg, trainer, suffix, passthrough_args)
+
+
+def _fallback_for_missing_last(cfg, last: str):
+    """``checkpoint_last.pt`` is missing but the directory holds an intact checkpoint (a kill during the
+    first save, before the copy to ``checkpoint_last.pt``): resume from the newest one, saying so."""
+    fallback = newest_intact_checkpoint(cfg.save_dir) if os.path.isdir(cfg.save_dir) else None
+    if fallback is None:
+        return cfg
+    logger.warning(f"{last} is missing; resuming from {fallback}, the newest intact checkpoint")
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.restore_file = fallback
+        cfg.finetune_from_model = None  # a checkpoint of this directory: a resume, not a fine-tuning start
+    return cfg
+
+
+def _load_as_planned(cfg, trainer, suffix: str, passthrough_args: dict):
+    """fairseq's load, with the checks of ``plugins/resume.py`` around it: the saved settings against the
+    requested ones before (refuse, or plan a memory reset / data position), a finished run after."""
+    if cfg.restore_file == "checkpoint_last.pt":
+        path = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
+    else:
+        path = cfg.restore_file.replace(".pt", suffix + ".pt")
+    saved = resume.read_saved_state(path) if os.path.exists(path) else None
+    plan = resume.plan_resume(path, saved, trainer.cfg) if saved is not None else None
+    extra_state, epoch_itr = _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
+    if plan is not None:
+        resume.apply_plan(plan, trainer, epoch_itr)
+    if extra_state is not None:
+        resume.stop_if_finished(trainer, path)
+    return extra_state, epoch_itr
 
 
 def load_checkpoint_safely(path: str) -> dict:

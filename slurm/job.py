@@ -123,7 +123,8 @@ class TrainAndEvaluate(submitit.helpers.Checkpointable):
         else:
             command = [sys.executable, "-m", "slurm.train", *self.run.train_args]
             with open(log, "a") as out:
-                self._child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=_env())
+                self._child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=_env(),
+                                               preexec_fn=die_with_parent())  # fmt: skip
                 code = self._wait_child()
             self._child = None
         if code not in (0, PREEMPTED):
@@ -145,7 +146,7 @@ class TrainAndEvaluate(submitit.helpers.Checkpointable):
         else:
             with open(log, "w") as out:
                 code = subprocess.call([fairseq_tool("fairseq-eval-lm"), *self.run.eval_args], stdout=out,
-                                       stderr=subprocess.STDOUT, cwd=ROOT, env=_env())  # fmt: skip
+                                       stderr=subprocess.STDOUT, cwd=ROOT, env=_env(), preexec_fn=die_with_parent())  # fmt: skip
             if code != 0:
                 raise RunFailed(f"{self.run.name}: fairseq-eval-lm failed (exit {code}); end of {log}:\n{log_tail(log)}")  # fmt: skip
         subset = self.run.eval_args[self.run.eval_args.index("--gen-subset") + 1] if "--gen-subset" in self.run.eval_args else "test"  # fmt: skip
@@ -180,6 +181,27 @@ class TrainAndEvaluate(submitit.helpers.Checkpointable):
                 break
             time.sleep(0.2)
         return child.returncode
+
+
+def die_with_parent():
+    """A ``preexec_fn`` that makes the child die (SIGKILL) when this process dies, even by SIGKILL: Linux's
+    parent-death signal (``prctl(PR_SET_PDEATHSIG)``). Without it a killed launcher leaves its training
+    running (parent 1), and a ``--resume`` would start a second one on the same run. ``None`` elsewhere.
+    The signal follows the *thread* that forked the child: the runner threads live until their child ends.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is imported after the fork
+    parent = os.getpid()
+
+    def preexec():
+        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() != parent:  # the parent died before the prctl: no signal will come
+            os._exit(1)
+
+    return preexec
 
 
 def _env() -> dict:

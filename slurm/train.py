@@ -46,7 +46,17 @@ def main(argv=None) -> int:
     from fairseq.trainer import Trainer
     from fairseq_cli import train as fairseq_train
 
+    seen = {}  # the trainer and its latest epoch iterator: did training end by itself?
+
     class StoppableTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen["trainer"] = self
+
+        def get_train_iterator(self, *args, **kwargs):
+            seen["epoch_itr"] = super().get_train_iterator(*args, **kwargs)
+            return seen["epoch_itr"]
+
         def _local_cumulative_training_time(self):
             elapsed = super()._local_cumulative_training_time()
             return elapsed + _OFFSET_S if requested["stop"] else elapsed
@@ -64,7 +74,23 @@ def main(argv=None) -> int:
     finally:
         fairseq_train.Trainer, sys.argv = original, saved_argv
         signal.signal(signal.SIGUSR2, previous)
+    if requested["stop"] and finished(seen):
+        logger.info("training had reached its end when the stop was asked: finished (exit 0), nothing to resume")
+        return 0
     return PREEMPTED if requested["stop"] else 0
+
+
+def finished(seen: dict) -> bool:
+    """Training reached --max-update, or the end of the last epoch of --max-epoch: a stop signal that came
+    after the last update must not make the job look preempted (and be requeued to train update N+1)."""
+    trainer, epoch_itr = seen.get("trainer"), seen.get("epoch_itr")
+    if trainer is None:
+        return False
+    optimization = trainer.cfg.optimization
+    if optimization.max_update and trainer.get_num_updates() >= optimization.max_update:
+        return True
+    return bool(optimization.max_epoch and epoch_itr is not None and epoch_itr.epoch >= optimization.max_epoch
+                and epoch_itr.end_of_epoch())  # fmt: skip
 
 
 if __name__ == "__main__":
