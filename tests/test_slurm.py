@@ -116,6 +116,36 @@ def test_every_experiment_file_builds_fairseq_configs(path, tmp_path):
     assert text.lstrip().startswith("#") and exp.spec.get("description"), "say what the experiment shows"
 
 
+STUDY_FILES = sorted([*experiments.EXPERIMENTS.glob("study_*.yaml"), experiments.EXPERIMENTS / "lstm_zaremba_ptb.yaml"])
+
+
+@pytest.mark.cli
+@pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
+def test_every_study_runs_through_the_launcher_and_the_report(path, data_bin, tmp_path):
+    """docs/studies/: each study file, every sweep point for 2 updates on a tiny byte corpus, through the
+    launcher (train, then eval-lm) and the report: one table row per run, its test number the eval's, figures."""
+    derived = tmp_path / f"{path.stem}.yaml"
+    derived.write_text(yaml.safe_dump({"base": str(path), "data": str(data_bin),
+                                       "train": {"max-update": 2, "log-interval": 1}}))  # fmt: skip
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.MonkeyPatch.context() as patch:
+        for name, value in ENV.items():
+            patch.setenv(name, value)
+        code = launch.main([str(derived), "--sweep", "--cluster", "local", "--max-parallel", "2",
+                            "--runs-dir", str(tmp_path / "runs")])  # fmt: skip
+    assert code == 0, out.getvalue()[-3000:]
+    expected = len(experiments.make_runs(experiments.load(path), tmp_path / "x", sweep=True))
+    assert report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "report")]) == 0
+    rows = (tmp_path / "report" / "results.md").read_text().splitlines()[2:]
+    assert len(rows) == expected
+    for row in rows:
+        name = row.split("|")[1].strip().split("/", 1)[1]
+        test = json.loads((tmp_path / "runs" / name / "eval.json").read_text())["value"]
+        assert row.split("|")[5].strip().startswith(f"{test:.4f} bpb")
+    for png in ("loss_vs_updates.png", "loss_vs_wall.png"):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 # -- bad input -----------------------------------------------------------------------------------
 BAD = {
     "unknown preset": ({"arch": "nosuch_tiny"}, "invalid choice: 'nosuch_tiny'"),
