@@ -47,6 +47,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from fairseq.dataclass import ChoiceEnum
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -55,6 +56,7 @@ from .base import Attention, AttentionConfig, AuxLoss, register_attention
 from .persistent import PersistentMemoryConfig
 
 logger = logging.getLogger(__name__)
+SPAN_WINDOWS = ("inclusive", "official")
 SPAN_GRANULARITY = 64  # windows and caches grow in steps of 64 positions (official get_trim_len / get_cache_size)
 
 
@@ -72,6 +74,13 @@ class AdaptiveSpanConfig(AttentionConfig, PersistentMemoryConfig):
         default=0.0,
         metadata={"help": "initial span as a fraction of --max-span, in [0, 1] (official --adapt-span-init)"},
     )
+    span_window: ChoiceEnum(SPAN_WINDOWS) = field(
+        default="inclusive",
+        metadata={"help": "which S keys a query attends: 'inclusive' (itself and the S-1 before it, as every "
+                  "attention here) or 'official' (the S positions before it, not itself, and a stream starts "
+                  "with S zero vectors: facebookresearch/adaptive-span models.py; the default of the presets "
+                  "copied from the official scripts, needed to reproduce their numbers)"},
+    )  # fmt: skip
     span_loss_weight: float = field(
         default=2e-6,
         metadata={"help": "weight of the L1 span penalty (sum over layers of the mean span in positions); "
@@ -133,6 +142,8 @@ class AdaptiveSpanAttention(Attention):
             )
         if not 0.0 <= cfg.span_init <= 1.0:
             raise UserError(f"--span-init is a fraction of --max-span: give a value in [0, 1], got {cfg.span_init}")
+        if cfg.span_window not in SPAN_WINDOWS:
+            raise UserError(f"unknown --span-window '{cfg.span_window}': choose one of {', '.join(SPAN_WINDOWS)}")
         if cfg.span_loss_weight < 0:
             raise UserError(f"--span-loss-weight must be >= 0, got {cfg.span_loss_weight}")
         if cfg.mem_len < cfg.max_span:
@@ -173,28 +184,54 @@ class AdaptiveSpanAttention(Attention):
         spans = self.spans().detach()  # kept on the device: no synchronization per step
         return {"span": spans.mean(), "span_max": spans.max()}
 
+    def zero_padded(
+        self, mem: Optional[HiddenMemory], n: int, x: Tensor, norm: Optional[nn.Module]
+    ) -> Optional[HiddenMemory]:
+        """``mem`` preceded by zero vectors up to ``n`` positions (official ``--span-window``): the official
+        code starts every stream with a cache of zero hidden states (train.py) and pads a cache shorter than
+        the window with zeros (``trim_memory``). Cached keys/values are padded with those of a zero state."""
+        missing = n - (0 if mem is None else mem.length)
+        if missing <= 0:
+            return mem
+        zeros = x.new_zeros(x.size(0), missing, x.size(2))  # B x (n - M) x D
+        if mem is None:
+            return HiddenMemory(zeros)
+        keys = values = None
+        if mem.keys is not None:  # the no-gradient cache: K/V of the zero states, B x H x (n - M) x Dh
+            zk, zv = (self.split_heads(t) for t in self.kv_proj(self.normalized(zeros, norm)).chunk(2, dim=-1))
+            keys, values = torch.cat([zk, mem.keys], dim=2), torch.cat([zv, mem.values], dim=2)
+        return HiddenMemory(torch.cat([zeros, mem.hidden], dim=1), keys, values)  # B x n x D
+
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
         W = self.window()
-        used = last_positions(mem, W - 1)  # the first query sees at most W - 1 past positions
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, used)  # B x H x S_k x Dh
+        official = self.cfg.span_window == "official"
+        if official:  # query t sees t-W .. t-1: exactly W past positions, zero vectors where there are none
+            used = self.zero_padded(last_positions(mem, W), W, x, norm)
+        else:  # query t sees t-W+1 .. t: the first query sees at most W - 1 past positions
+            used = last_positions(mem, W - 1)
+        h = self.normalized(x, norm)  # B x T x D (pre-norm: the memory is normalized in keys_values)
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = self.keys_values(h, used, norm)  # B x H x S_k x Dh
         B, H, T, _ = q.shape
         S_k = k.size(2)
         if torch.is_grad_enabled():  # training: the cache may exceed the window (buffer); K/V are recomputed
             new_mem = HiddenMemory.extend(mem, x, self.cache_length(keep, W))
-        else:  # the cache is at most W <= (W - 1) + T positions: all within [used; x], whose K/V are kept
+        else:  # the cache is at most W <= len(used) + T positions: all within [used; x], whose K/V are kept
             new_mem = HiddenMemory.extend(used, x, self.cache_length(keep, W), k, v)
 
-        # distance of key j from query t, which sits at key position (S_k - T) + t
-        distance = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
-        allowed = (distance >= 0) & (distance < W)
+        # rank of key j for query t (which sits at key position (S_k - T) + t): 0 for the most recent key
+        # it may see, i.e. distance - 1 (official: itself excluded) or distance (inclusive: itself first)
+        rank = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
+        if official:
+            rank = rank - 1
+        allowed = (rank >= 0) & (rank < W)
         exact = torch.promote_types(q.dtype, torch.float32)  # the bias in float32 at least (log of the mask)
-        by_distance = torch.arange(W, device=x.device)
-        log_mask = log_of(soft_span_mask(self.spans().to(exact), by_distance, self.ramp))  # H x W
+        by_rank = torch.arange(W, device=x.device)
+        log_mask = log_of(soft_span_mask(self.spans().to(exact), by_rank, self.ramp))  # H x W
         position = torch.einsum("bhtd,wd->bhtw", q, self.key_pe[:W].to(q.dtype)) * self.scale  # B x H x T x W
-        bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by distance
-        index = distance.clamp(0, W - 1).expand(B, H, T, S_k)
+        bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by rank
+        index = rank.clamp(0, W - 1).expand(B, H, T, S_k)
         bias = bias.gather(-1, index).masked_fill(~allowed, float("-inf"))  # B x H x T x S_k, by key
         if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
             k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S_k) x Dh
