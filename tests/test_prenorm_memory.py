@@ -271,3 +271,38 @@ def test_hidden_memory_is_the_raw_input_with_prenorm(lm):
     state = model.decoder.stream_memory["eval"].layers[0]
     assert isinstance(state, HiddenMemory)
     torch.testing.assert_close(state.hidden, embedded, **EXACT64)
+
+
+def test_prenorm_attention_reconstruction_compares_what_the_layer_attends():
+    """Rae et al. 2020 Algorithm 2 in a pre-norm layer: || attn(LN(x), LN(old)) - attn(LN(x), LN(f_c(old))) ||^2
+    with f_c applied to the raw evicted states; the loss trains f_c only (no gradient into the LayerNorm)."""
+    from types import SimpleNamespace
+
+    from plugins.attention import build_attention
+
+    torch.manual_seed(0)
+    options = SimpleNamespace(pos_emb="relative", cmem_len=4, compression_rate=2, compression_fn="conv",
+                              compression_loss="attention_reconstruction")  # fmt: skip
+    attn = build_attention("compressive", D, H, 0.0, options).double()
+    norm = torch.nn.LayerNorm(D).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_(std=0.5)
+    x1, x2 = torch.randn(B, 6, D, dtype=torch.float64), torch.randn(B, 3, D, dtype=torch.float64)
+    _, mem = attn(x1, None, keep=4, norm=norm)
+    _, mem2 = attn(x2, mem.detach(), keep=4, norm=norm)
+    old = torch.cat([mem.hidden, x2], dim=1)[:, :2].detach()  # 4 + 3 raw positions, keep 4: a block of 2 leaves
+    Dh = D // H
+    with torch.no_grad():
+        new = attn.compress(old)
+
+        def content(m):
+            q = attn.q_proj(norm(x2)).view(B, 3, H, Dh).transpose(1, 2)
+            k, v = (t.view(B, -1, H, Dh).transpose(1, 2) for t in attn.kv_proj(norm(m)).chunk(2, dim=-1))
+            return (q @ k.transpose(-1, -2) / math.sqrt(Dh)).softmax(-1) @ v
+
+        expected = (content(old) - content(new)).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(mem2.loss, expected, **EXACT64)
+    loss = attn.aux_losses(mem2)["compression"].value
+    trained = torch.autograd.grad(loss, [*norm.parameters(), *attn.compress.parameters()], allow_unused=True)
+    assert all(g is None for g in trained[:2]) and all(g is not None and g.abs().sum() > 0 for g in trained[2:])
