@@ -253,7 +253,7 @@ def official_reference(attn: AdaptiveSpanAttention, blocks, eps: float = 1e-8):
     every head are dropped in multiples of 64, which changes the softmax's denominator, hence the effect of
     eps. Returns the outputs of every block."""
     S, R, Dh, Hh = attn.max_span, attn.ramp, D // H, H
-    current = max(0, min(S, math.ceil(float(attn.span_fraction.max()) * S) + R))  # get_current_max_size
+    current = max(0, min(S, math.ceil(float(attn.span_fraction.detach().max()) * S) + R))  # get_current_max_size
     trim = math.floor(min(S - 1, S - current) / 64) * 64  # get_trim_len
     key_pe = attn.key_pe.flip(0).t()[None][:, :, trim:]  # 1 x Dh x (S - trim), official layout, trimmed
     template = torch.linspace(1 - S, 0, steps=S, dtype=torch.float64)
