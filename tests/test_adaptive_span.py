@@ -22,12 +22,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from plugins.attention import ATTENTION_REGISTRY, build_attention, register_attention
 from plugins.attention.adaptive_span import AdaptiveSpanAttention, soft_span_mask, window_size
 from plugins.attention.base import Attention
 from plugins.errors import UserError
-from plugins.models.efficient_lm import validate_config
+from plugins.models.efficient_lm import EfficientLMConfig, validate_config
 from plugins.optim.adagrad_clip import ClippedAdagrad
 from plugins.tasks.segment_lm import SegmentLMTask
 from recipes.adaptive_span.plot_spans import load_checkpoint, load_spans, main
@@ -185,10 +186,11 @@ def test_memory_len_bounds_the_cache():
     assert mem.length == 100  # --mem-len caps the cache even when the window (256) is longer
 
 
-def test_segments_with_memory_equal_one_long_pass(lm):
+@pytest.mark.parametrize("window", ["inclusive", "official"])
+def test_segments_with_memory_equal_one_long_pass(lm, window):
     """The decoder (segment_lm path: stream_offset, --mem-len = S) over segments shorter and longer than
     the window == one pass over the whole sequence, where the window is the only mask."""
-    model = lm(**ADAPTIVE, max_span=64, mem_len=64, persistent_mem_size=3).eval()
+    model = lm(**ADAPTIVE, max_span=64, mem_len=64, persistent_mem_size=3, span_window=window).eval()
     for layer in model.decoder.layers:
         layer.attn.span_fraction.data = torch.tensor([0.1, 0.6])
     tokens = torch.randint(4, V, (2, 150))
@@ -202,8 +204,9 @@ def test_segments_with_memory_equal_one_long_pass(lm):
     torch.testing.assert_close(torch.cat(parts, dim=1), whole, rtol=0, atol=1e-5)
 
 
-def test_step_by_step_generation_equals_full_forward(lm):
-    model = lm(**ADAPTIVE, max_span=64, mem_len=64, persistent_mem_size=2).eval()
+@pytest.mark.parametrize("window", ["inclusive", "official"])
+def test_step_by_step_generation_equals_full_forward(lm, window):
+    model = lm(**ADAPTIVE, max_span=64, mem_len=64, persistent_mem_size=2, span_window=window).eval()
     tokens = torch.randint(4, V, (2, 40))
     with torch.no_grad():
         whole, _ = model(tokens)
@@ -212,6 +215,176 @@ def test_step_by_step_generation_equals_full_forward(lm):
             out, _ = model(tokens[:, : t + 1], incremental_state=state)
             steps.append(out[:, -1:])
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=0, atol=1e-5)
+
+
+# ---- the official window (--span-window official) ------------------------------------------------
+def _skew(X, pad_value):
+    """facebookresearch/adaptive-span models.py, verbatim: shift every row 1 step to the right."""
+    B, M, L = X.size()  # X = B x M x L
+    X = F.pad(X, (0, M + 1), value=pad_value)  # B x M x (L+M+1)
+    X = X.view(B, -1)  # B x ML+MM+M
+    X = X[:, :-M]  # B x ML+MM
+    X = X.view(B, M, M + L)  # B x M x L+M
+    return X
+
+
+def _unskew(X):
+    """facebookresearch/adaptive-span models.py, verbatim: the reverse of ``_skew``."""
+    B, M, L = X.size()  # X = B x M x L+M
+    L -= M
+    X = X.view(B, -1)  # B x ML+MM
+    X = F.pad(X, (0, M))  # B x ML+MM+M
+    X = X.view(B, M, M + L + 1)  # B x M x L+M+1
+    X = X[:, :, :L]  # B x M x L
+    return X
+
+
+def official_reference(attn: AdaptiveSpanAttention, blocks, eps: float = 1e-8):
+    """The official computation over consecutive blocks (B x M x D each) of one stream batch, written
+    from models.py / adaptive_span.py / persistent_memory.py / train.py:
+
+    - the cache h_cache starts as S zero vectors (train.py) and is [h_cache; h][-S:], detached;
+    - h_all = cat([h_cache, h]); scores = _unskew(q k^T) + q key_pe: query i sees h_all[i : i + S], the S
+      positions BEFORE it (not itself); key_pe column l is distance S - l (ours: row S - 1 - l);
+    - softmax over the S keys (jointly with the persistent slots, if any), times the AdaptiveMask
+      (template linspace(1 - S, 0, S) + z, / R + 1, clamped), renormalized: / (sum + eps), eps = 1e-8;
+    - out = _skew(attn, 0) @ V (+ the persistent values), then the output projection.
+    With the official trimming (``get_trim_len`` / ``trim_memory``): the oldest keys whose mask is 0 for
+    every head are dropped in multiples of 64, which changes the softmax's denominator, hence the effect of
+    eps. Returns the outputs of every block."""
+    S, R, Dh, Hh = attn.max_span, attn.ramp, D // H, H
+    current = max(0, min(S, math.ceil(float(attn.span_fraction.detach().max()) * S) + R))  # get_current_max_size
+    trim = math.floor(min(S - 1, S - current) / 64) * 64  # get_trim_len
+    key_pe = attn.key_pe.flip(0).t()[None][:, :, trim:]  # 1 x Dh x (S - trim), official layout, trimmed
+    template = torch.linspace(1 - S, 0, steps=S, dtype=torch.float64)
+    mask = ((template + attn.span_fraction.view(Hh, 1, 1) * S) / R + 1).clamp(0, 1)[:, :, trim:]  # H x 1 x L
+    L = S - trim
+    h_cache = torch.zeros(B, S, D, dtype=torch.float64)
+    outs = []
+    for h in blocks:
+        M = h.size(1)
+        h_all = torch.cat([h_cache, h], dim=1)  # B x (S+M) x D
+        q = attn.q_proj(h).view(B, M, Hh, Dh).transpose(1, 2).reshape(B * Hh, M, Dh)
+        k, v = attn.kv_proj(h_all[:, trim:]).chunk(2, dim=-1)  # trim_memory
+        k, v = (t.view(B, L + M, Hh, Dh).transpose(1, 2).reshape(B * Hh, L + M, Dh) for t in (k, v))
+        scores = _unskew(q @ k.transpose(-1, -2)) + q @ key_pe  # BH x M x L
+        scores = scores / math.sqrt(Dh)
+        if attn.persistent is None:
+            weights = scores.softmax(-1).view(B, Hh, M, L) * mask
+            weights = (weights / (weights.sum(-1, keepdim=True) + eps)).view(B * Hh, M, L)
+            out = _skew(weights, 0) @ v  # BH x M x Dh
+        else:
+            N = attn.persistent.size
+            k_pers = attn.persistent.key * math.sqrt(Dh)  # H x N x Dh
+            v_pers = attn.persistent.value * math.sqrt(N)
+            pers = torch.einsum("bhmd,hnd->bhmn", q.view(B, Hh, M, Dh), k_pers) / math.sqrt(Dh)
+            joint = torch.cat([scores.view(B, Hh, M, L), pers], dim=-1).softmax(-1)  # B x H x M x (L+N)
+            joint = torch.cat([joint[..., :L] * mask, joint[..., L:]], dim=-1)  # the span masks the context
+            joint = joint / (joint.sum(-1, keepdim=True) + eps)
+            out = _skew(joint[..., :L].reshape(B * Hh, M, L), 0) @ v
+            out = out + torch.einsum("bhmn,hnd->bhmd", joint[..., L:], v_pers).reshape(B * Hh, M, Dh)
+        outs.append(attn.out_proj(out.view(B, Hh, M, Dh).transpose(1, 2).reshape(B, M, D)))
+        h_cache = h_all[:, -S:].detach()
+    return outs
+
+
+def official_attention(max_span, ramp, spans, persistent=0):
+    attn = span_attention(max_span=max_span, ramp=ramp, spans=spans, persistent=persistent)
+    attn.cfg.span_window = "official"
+    with torch.no_grad():
+        attn.kv_proj.bias.normal_()  # a zero state's key and value are then not zero: the cache must be there
+    return attn
+
+
+OFFICIAL_CASES = {  # name: (max_span S, ramp R, spans, persistent slots, block lengths)
+    "spans-inside": (16, 4, [3.5, 9.0], 0, [6, 6, 6, 6]),  # blocks shorter than S: the zero cache lasts
+    "full-span": (16, 4, [16.0, 12.0], 0, [20, 5, 9]),  # blocks longer than S
+    "trimmed": (256, 8, [12.0, 40.0], 0, [32, 32, 32, 32, 32]),  # window 64 < S: trimmed keys and cache
+    "all-attention": (16, 4, [5.0, 14.0], 3, [7, 7, 7]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OFFICIAL_CASES))
+def test_official_window_is_the_official_computation(case):
+    """--span-window official == the official code's computation, block by block with the cache, values
+    and gradients (every parameter, the spans included, and the inputs). Before issue 16 the window was
+    x_t .. x_(t-S+1) without a zero start cache: 100% of the outputs differed."""
+    S, R, spans, persistent, lengths = OFFICIAL_CASES[case]
+    attn = official_attention(S, R, spans, persistent)
+    blocks = [torch.randn(B, n, D, dtype=torch.float64, requires_grad=True) for n in lengths]
+    outs, mem = [], None
+    for x in blocks:
+        out, mem = attn(x, mem, keep=S)
+        outs.append(out)
+        mem = mem.detach()
+    reference = official_reference(attn, blocks)
+    for a, b in zip(outs, reference):
+        torch.testing.assert_close(a, b, **EXACT64)
+    probes = [torch.randn_like(o) for o in outs]
+    wrt = [*attn.parameters(), *blocks]
+    ours = torch.autograd.grad(sum((o * p).sum() for o, p in zip(outs, probes)), wrt, allow_unused=True)
+    ref = torch.autograd.grad(sum((o * p).sum() for o, p in zip(reference, probes)), wrt, allow_unused=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, **EXACT64)
+    names = [name for name, _ in attn.named_parameters()]
+    assert ours[names.index("span_fraction")].abs().sum() > 0  # the spans get their gradient
+
+
+def test_official_window_starts_from_zero_states():
+    """The first query sees only zero states, not itself: its output is the zero state's value (V of a zero
+    vector: the bias) whatever its input; later inputs change only later outputs."""
+    attn = official_attention(16, 4, [16.0, 16.0])
+    x = torch.randn(B, 5, D, dtype=torch.float64)
+    with torch.no_grad():
+        out, _ = attn(x, None, keep=0)
+        changed = x.clone()
+        changed[:, 3] += 1.0  # position 3: only queries 3 (its query) and 4 may change
+        out2, _ = attn(changed, None, keep=0)
+        value_of_zero = attn.kv_proj.bias.chunk(2)[1]  # V of a zero state: the bias
+        first = attn.out_proj(value_of_zero)  # every weight on a zero state: out = W_o v_0 + b_o
+    torch.testing.assert_close(out[:, 0], first.expand(B, D), rtol=0, atol=1e-7)  # weights sum to 1 / (1 + 1e-8)
+    torch.testing.assert_close(out2[:, :3], out[:, :3], **EXACT64)
+    assert not torch.allclose(out2[:, 4], out[:, 4])
+
+
+def test_official_window_step_by_step_equals_parallel():
+    attn = official_attention(16, 4, [6.0, 11.0], persistent=2)
+    x = torch.randn(B, 23, D, dtype=torch.float64)
+    with torch.no_grad():
+        parallel, _ = attn(x, None, keep=0)
+        steps, mem = [], None
+        for t in range(x.size(1)):
+            out, mem = attn(x[:, t : t + 1], mem, keep=None)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), parallel, **EXACT64)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["eval: cached K/V", "train: recomputed"])
+def test_official_window_with_a_short_memory_pads_zeros(grad):
+    """--mem-len k shorter than the window: the official trim_memory pads the cache with zeros, so each
+    segment == one pass over [the last k positions; segment] from a zero cache; the no-gradient path pads
+    its cached keys/values with those of the zero state."""
+    attn = official_attention(16, 4, [9.0, 14.0])
+    segments = [torch.randn(B, n, D, dtype=torch.float64) for n in (5, 1, 4, 2)]
+    seen, start, mem = torch.cat(segments, dim=1), 0, None
+    with torch.set_grad_enabled(grad):
+        for x in segments:
+            out, mem = attn(x, mem, keep=3)
+            past = seen[:, max(start - 3, 0) : start]
+            reference, _ = attn(torch.cat([past, x], dim=1), None, keep=0)
+            torch.testing.assert_close(out, reference[:, past.size(1) :], **EXACT64)
+            assert mem.length == 3
+            start += x.size(1)
+
+
+def test_the_two_windows_differ(lm):
+    """Same weights, --span-window official vs inclusive: different models (not a re-indexing)."""
+    model = lm(**ADAPTIVE, max_span=16, span_ramp=4, mem_len=16).eval()
+    official = lm(**ADAPTIVE, max_span=16, span_ramp=4, mem_len=16, span_window="official").eval()
+    official.load_state_dict(model.state_dict())
+    tokens = torch.randint(4, V, (2, 12))
+    with torch.no_grad():
+        assert not torch.allclose(model(tokens)[0], official(tokens)[0], atol=1e-3)
 
 
 # ---- persistent memory / all-attention -------------------------------------------------------------
@@ -272,6 +445,10 @@ def test_all_attention_layers_have_no_feed_forward(lm):
         (dict(**ADAPTIVE, max_span=64, span_ramp=100), "--span-ramp 100 must be between 1 and --max-span 64"),
         (dict(**ADAPTIVE, span_init=1.5), "--span-init"),
         (dict(**ADAPTIVE, span_loss_weight=-1.0), "--span-loss-weight"),
+        (
+            dict(**ADAPTIVE, span_window="exclusive"),
+            "unknown --span-window 'exclusive': choose one of inclusive, official",
+        ),
         (dict(attention="adaptive_span", pos_emb="sinusoidal"), "encodes positions itself: use --pos-emb relative"),
         (dict(attention="adaptive_span", pos_emb="learned"), "encodes positions itself: use --pos-emb relative"),
         (dict(persistent_mem_size=-3), "--persistent-mem-size must be >= 0"),
@@ -368,6 +545,14 @@ def test_presets_match_the_official_scripts():
                  "adaptive_span_text8_large", "all_attention_tiny", "all_attention_enwik8_small"):  # fmt: skip
         args = preset(name)
         assert args.attention == "adaptive_span" and args.pos_emb == "relative"
+    # the official window in the presets copied from the official scripts, the project's elsewhere
+    official = [name for name in ARCH_CONFIG_REGISTRY if name.startswith(("adaptive_span_", "all_attention_"))]
+    for name in official:
+        expected = "inclusive" if name.endswith("_tiny") else "official"
+        assert getattr(preset(name), "span_window", "inclusive") == expected, name
+    assert len(official) == 9
+    cfg = EfficientLMConfig()
+    assert cfg.span_window == "inclusive"  # the option's default
 
 
 @pytest.mark.parametrize(

@@ -317,7 +317,9 @@ def test_before_anything_is_evicted_it_is_transformer_xl(lm):
 
 def reference_forward(model, toks, segment_starts):
     """The decoder over ``toks`` (B x L) in one pass of single queries: query p, in the segment starting at
-    s = segment_starts[p], attends to f_c(h[:e])[-N:] and h[e:p+1] with e = evicted_before(s), at each layer."""
+    s = segment_starts[p], attends to f_c(h[:e])[-N:] and h[e:p+1] with e = evicted_before(s), at each layer.
+    h are the layer's raw inputs: f_c compresses them; a pre-norm layer applies its LayerNorm to the whole
+    attended context [f_c(h[:e]); h[e:p+1]] (issue 16: not f_c of LayerNorm outputs)."""
     dec = model.decoder
     attn0 = dec.layers[0].attn
     M, N, c = dec.mem_len, attn0.cfg.cmem_len, attn0.cfg.compression_rate
@@ -325,17 +327,17 @@ def reference_forward(model, toks, segment_starts):
     for i in range(dec.num_layers):
         layer = dec.layers[i % len(dec.layers)]
 
-        def attn(h, layer=layer):
+        def attn(h, layer=layer, norm=lambda t: t):
             rows = []
             for p, s in enumerate(segment_starts):
                 e = evicted_before(s, M, c)
                 compressed = layer.attn.compress(h[:, :e])[:, -N:] if e else h[:, :0]
-                context = torch.cat([compressed, h[:, e:p]], dim=1)
-                rows.append(hand_relative_attention(layer.attn, h[:, p : p + 1], context))
+                context = norm(torch.cat([compressed, h[:, e:p]], dim=1))
+                rows.append(hand_relative_attention(layer.attn, norm(h[:, p : p + 1]), context))
             return torch.cat(rows, dim=1)
 
         if layer.normalize_before:
-            x = x + attn(layer.attn_norm(x))
+            x = x + attn(x, norm=layer.attn_norm)
             x = x + layer.ffn(layer.ffn_norm(x))
         else:
             x = layer.attn_norm(x + attn(x))

@@ -22,22 +22,33 @@ attends to a window of W = that many keys, rounded up to a multiple of 64 and ca
 learned spans mean fewer keys, a smaller cache and less compute, in training and in evaluation/generation:
 
 - the memory (``HiddenMemory``, layer inputs of past positions) is trimmed to the last W - 1 positions
-  before keys and values are computed;
+  (``official``: W) before keys and values are computed;
 - the next memory keeps ``min(keep, W)`` positions without gradients (evaluation, generation: the spans
   are fixed) and ``min(keep, W + 64)`` in training, where the next optimizer step may lengthen the spans
   (the official ``get_cache_size`` buffer); ``keep`` is the decoder's ``--mem-len`` (``None``: unbounded,
   when generating). So ``--mem-len`` caps the cache and ``--max-span`` caps the window; the presets set
   both to S, like the official code, which caches S positions at most.
 
-Deviation from the official code, on purpose: a query also attends to its own position (distance 0,
-like every attention here), so the window is distances 0 .. S-1 where the official one is 1 .. S; the
-i-th most recent key gets the same mask value in both.
+Two windows (``--span-window``):
+
+- ``inclusive`` (default): a query attends its own position and the W - 1 before it (distances 0 .. W-1,
+  like every attention here), computed as above (log m_z in one fused softmax);
+- ``official`` (facebookresearch/adaptive-span, the presets copied from its scripts): query t attends
+  x_(t-1) .. x_(t-W), not itself (models.py: ``h_all = cat([h_cache, h])``, scores ``_unskew``-ed so that
+  query i sees h_all[i : i + S]); every stream starts with a cache of zero vectors (train.py) that
+  receive attention for the first S positions, and a cache shorter than the window is padded with zeros
+  (``trim_memory``). The arithmetic is the official one: softmax, times the mask, divided by
+  ``sum + 1e-8`` (jointly with the persistent slots), which also gives the official gradient where the
+  mask is exactly 0 at the ramp's end.
+
+In both, the i-th most recent key the query may see (rank x = i - 1) gets the mask m_z(x) and the
+position embedding p_x; the key sets differ by one position, so the outputs differ.
 
 The span parameters must stay in [0, 1]: ``after_optimizer_step`` clamps them and ``segment_lm``'s
 ``optimizer_step`` calls it after every update (fairseq has no other hook after the step).
 
 Shapes: B = batch, H = heads, T = queries (segment), M = memory positions used, S_k = keys (M + T),
-W = window (keys one query may see, itself included), N = persistent slots, D = model dim, Dh = head dim.
+W = window (keys one query may see), N = persistent slots, D = model dim, Dh = head dim.
 """
 
 import logging
@@ -47,6 +58,7 @@ from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from fairseq.dataclass import ChoiceEnum
 from torch import Tensor, nn
 
 from ..errors import UserError
@@ -55,6 +67,8 @@ from .base import Attention, AttentionConfig, AuxLoss, register_attention
 from .persistent import PersistentMemoryConfig
 
 logger = logging.getLogger(__name__)
+SPAN_WINDOWS = ("inclusive", "official")
+OFFICIAL_EPS = 1e-8  # official adaptive_span.py: attn / (attn.sum(-1, keepdim=True) + 1e-8)
 SPAN_GRANULARITY = 64  # windows and caches grow in steps of 64 positions (official get_trim_len / get_cache_size)
 
 
@@ -72,6 +86,13 @@ class AdaptiveSpanConfig(AttentionConfig, PersistentMemoryConfig):
         default=0.0,
         metadata={"help": "initial span as a fraction of --max-span, in [0, 1] (official --adapt-span-init)"},
     )
+    span_window: ChoiceEnum(SPAN_WINDOWS) = field(
+        default="inclusive",
+        metadata={"help": "which S keys a query attends: 'inclusive' (itself and the S-1 before it, as every "
+                  "attention here) or 'official' (the S positions before it, not itself, and a stream starts "
+                  "with S zero vectors: facebookresearch/adaptive-span models.py; the default of the presets "
+                  "copied from the official scripts, needed to reproduce their numbers)"},
+    )  # fmt: skip
     span_loss_weight: float = field(
         default=2e-6,
         metadata={"help": "weight of the L1 span penalty (sum over layers of the mean span in positions); "
@@ -133,6 +154,8 @@ class AdaptiveSpanAttention(Attention):
             )
         if not 0.0 <= cfg.span_init <= 1.0:
             raise UserError(f"--span-init is a fraction of --max-span: give a value in [0, 1], got {cfg.span_init}")
+        if cfg.span_window not in SPAN_WINDOWS:
+            raise UserError(f"unknown --span-window '{cfg.span_window}': choose one of {', '.join(SPAN_WINDOWS)}")
         if cfg.span_loss_weight < 0:
             raise UserError(f"--span-loss-weight must be >= 0, got {cfg.span_loss_weight}")
         if cfg.mem_len < cfg.max_span:
@@ -173,31 +196,86 @@ class AdaptiveSpanAttention(Attention):
         spans = self.spans().detach()  # kept on the device: no synchronization per step
         return {"span": spans.mean(), "span_max": spans.max()}
 
+    def zero_padded(
+        self, mem: Optional[HiddenMemory], n: int, x: Tensor, norm: Optional[nn.Module]
+    ) -> Optional[HiddenMemory]:
+        """``mem`` preceded by zero vectors up to ``n`` positions (official ``--span-window``): the official
+        code starts every stream with a cache of zero hidden states (train.py) and pads a cache shorter than
+        the window with zeros (``trim_memory``). Cached keys/values are padded with those of a zero state."""
+        missing = n - (0 if mem is None else mem.length)
+        if missing <= 0:
+            return mem
+        zeros = x.new_zeros(x.size(0), missing, x.size(2))  # B x (n - M) x D
+        if mem is None:
+            return HiddenMemory(zeros)
+        keys = values = None
+        if mem.keys is not None:  # the no-gradient cache: K/V of the zero states, B x H x (n - M) x Dh
+            zk, zv = (self.split_heads(t) for t in self.kv_proj(self.normalized(zeros, norm)).chunk(2, dim=-1))
+            keys, values = torch.cat([zk, mem.keys], dim=2), torch.cat([zv, mem.values], dim=2)
+        return HiddenMemory(torch.cat([zeros, mem.hidden], dim=1), keys, values)  # B x n x D
+
+    def official_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, position: Tensor, index: Tensor, allowed: Tensor, p: float
+    ) -> Tensor:
+        """The official arithmetic (models.py ``SeqAttention``, adaptive_span.py ``AdaptiveSpan``,
+        persistent_memory.py): softmax over the window (jointly with the persistent slots), times the soft
+        mask, divided by ``sum + 1e-8``, dropout, times the values. Same function as the log-mask softmax
+        up to the 1e-8, and the same gradient as the official code where a mask value is exactly 0 at the
+        ramp's end (clamp passes the gradient there; log m would not), e.g. at ``--span-init 0``.
+        ``position``: B x H x T x W by rank; ``index``, ``allowed``: T x S_k (rank of each key, window)."""
+        B, H, T, S_k = *q.shape[:3], k.size(2)
+        mask = soft_span_mask(self.spans().to(q.dtype), torch.arange(position.size(-1), device=q.device), self.ramp)
+        scores = (q @ k.transpose(-1, -2)) * self.scale  # B x H x T x S_k
+        scores = scores + position.gather(-1, index.expand(B, H, T, S_k))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        mask = mask[:, None, :].expand(H, T, -1).gather(-1, index.expand(H, T, S_k)) * allowed  # H x T x S_k
+        if self.persistent is None:
+            weights = scores.softmax(dim=-1) * mask  # B x H x T x S_k
+        else:  # one softmax with the slots (no position, no mask), then the mask on the context only
+            k_pers, v_pers = self.persistent.keys_values(q.dtype)  # H x N x Dh
+            N = k_pers.size(1)
+            pers = torch.einsum("bhtd,hnd->bhtn", q, k_pers) * self.scale  # B x H x T x N
+            weights = torch.cat([pers, scores], dim=-1).softmax(dim=-1)  # B x H x T x (N+S_k)
+            weights = torch.cat([weights[..., :N], weights[..., N:] * mask], dim=-1)
+            v = torch.cat([v_pers.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)  # B x H x (N+S_k) x Dh
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + OFFICIAL_EPS)
+        return F.dropout(weights, p=p) @ v  # B x H x T x Dh
+
     # ---- forward -------------------------------------------------------------------------------
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
         W = self.window()
-        used = last_positions(mem, W - 1)  # the first query sees at most W - 1 past positions
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, used)  # B x H x S_k x Dh
+        official = self.cfg.span_window == "official"
+        if official:  # query t sees t-W .. t-1: exactly W past positions, zero vectors where there are none
+            used = self.zero_padded(last_positions(mem, W), W, x, norm)
+        else:  # query t sees t-W+1 .. t: the first query sees at most W - 1 past positions
+            used = last_positions(mem, W - 1)
+        h = self.normalized(x, norm)  # B x T x D (pre-norm: the memory is normalized in keys_values)
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = self.keys_values(h, used, norm)  # B x H x S_k x Dh
         B, H, T, _ = q.shape
         S_k = k.size(2)
         if torch.is_grad_enabled():  # training: the cache may exceed the window (buffer); K/V are recomputed
             new_mem = HiddenMemory.extend(mem, x, self.cache_length(keep, W))
-        else:  # the cache is at most W <= (W - 1) + T positions: all within [used; x], whose K/V are kept
+        else:  # the cache is at most W <= len(used) + T positions: all within [used; x], whose K/V are kept
             new_mem = HiddenMemory.extend(used, x, self.cache_length(keep, W), k, v)
 
-        # distance of key j from query t, which sits at key position (S_k - T) + t
-        distance = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
-        allowed = (distance >= 0) & (distance < W)
-        exact = torch.promote_types(q.dtype, torch.float32)  # the bias in float32 at least (log of the mask)
-        by_distance = torch.arange(W, device=x.device)
-        log_mask = log_of(soft_span_mask(self.spans().to(exact), by_distance, self.ramp))  # H x W
+        # rank of key j for query t (which sits at key position (S_k - T) + t): 0 for the most recent key
+        # it may see, i.e. distance - 1 (official: itself excluded) or distance (inclusive: itself first)
+        rank = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
+        if official:
+            rank = rank - 1
+        allowed = (rank >= 0) & (rank < W)
+        index = rank.clamp(0, W - 1)  # T x S_k
         position = torch.einsum("bhtd,wd->bhtw", q, self.key_pe[:W].to(q.dtype)) * self.scale  # B x H x T x W
-        bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by distance
-        index = distance.clamp(0, W - 1).expand(B, H, T, S_k)
-        bias = bias.gather(-1, index).masked_fill(~allowed, float("-inf"))  # B x H x T x S_k, by key
+        p = self.dropout if self.training else 0.0
+        if official:
+            out = self.official_attention(q, k, v, position, index, allowed, p)  # B x H x T x Dh
+            return self.out_proj(self.merge_heads(out)), new_mem
+        exact = torch.promote_types(q.dtype, torch.float32)  # the bias in float32 at least (log of the mask)
+        log_mask = log_of(soft_span_mask(self.spans().to(exact), torch.arange(W, device=x.device), self.ramp))
+        bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by rank (log_mask: H x W)
+        bias = bias.gather(-1, index.expand(B, H, T, S_k)).masked_fill(~allowed, float("-inf"))  # B x H x T x S_k
         if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
             k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S_k) x Dh
-        p = self.dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # B x H x T x Dh
         return self.out_proj(self.merge_heads(out)), new_mem

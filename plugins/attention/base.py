@@ -6,11 +6,18 @@ Shape legend (used in every attention file):
 
 An attention maps the current segment and its memory to an output and the next memory::
 
-    out, new_mem = attention(x, mem, keep)     # x: B x T x D, out: B x T x D
+    out, new_mem = attention(x, mem, keep, norm=None)     # x: B x T x D, out: B x T x D
 
 ``mem`` is a ``TensorState`` of the attention's own type (or ``None``) and ``keep`` says how many past
 positions the next memory holds (``0``: none, ``None``: all, as when decoding a full-context model
 token by token). Attention is causal: position t sees every memory position and positions <= t.
+
+``norm`` (pre-norm layers: the layer's attention LayerNorm) is applied by the attention to everything it
+attends from or to, with the current weights: the segment *and* the stored hidden states, which are the
+RAW layer inputs. This is the official Transformer-XL's ``pre_lnorm`` (``mem_transformer.py``: the
+LayerNorm of ``cat([mems, w])`` inside the attention), so the LayerNorm also learns from the memory
+positions; storing LayerNorm outputs instead would freeze them with the weights of the segment that made
+them. ``None`` (post-norm layers) attends ``x`` and the memory as they are.
 """
 
 from __future__ import annotations
@@ -129,20 +136,30 @@ class Attention(nn.Module):
         config, after the generic checks of ``validate_config``). Called before anything is built."""
 
     def forward(
-        self, x: Tensor, mem: Optional[TensorState], keep: Optional[int]
+        self, x: Tensor, mem: Optional[TensorState], keep: Optional[int], norm: Optional[nn.Module] = None
     ) -> Tuple[Tensor, Optional[TensorState]]:
         raise NotImplementedError
 
-    def keys_values(self, x: Tensor, mem: Optional[HiddenMemory]) -> Tuple[Tensor, Tensor]:
-        """K, V (B x H x S x Dh) over ``[memory; x]``; the memory's cached K, V are reused when there is no
-        gradient (the weights are fixed), else recomputed from its hidden states (Transformer-XL)."""
-        k, v = (self.split_heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))  # B x H x T x Dh
+    @staticmethod
+    def normalized(x: Tensor, norm: Optional[nn.Module]) -> Tensor:
+        """``norm(x)``, or ``x`` itself without a norm (post-norm: nothing is computed)."""
+        return x if norm is None else norm(x)
+
+    def keys_values(
+        self, h: Tensor, mem: Optional[HiddenMemory], norm: Optional[nn.Module] = None
+    ) -> Tuple[Tensor, Tensor]:
+        """K, V (B x H x S x Dh) over ``[memory; segment]``: ``h`` is the segment as attended (already
+        normalized), the memory's raw hidden states are normalized here with ``norm`` (the current
+        weights). The memory's cached K, V are reused when there is no gradient (the weights are fixed),
+        else recomputed from its hidden states (Transformer-XL)."""
+        k, v = (self.split_heads(t) for t in self.kv_proj(h).chunk(2, dim=-1))  # B x H x T x Dh
         if mem is None:
             return k, v
         if mem.keys is not None and not torch.is_grad_enabled():
             k_mem, v_mem = mem.keys, mem.values
         else:
-            k_mem, v_mem = (self.split_heads(t) for t in self.kv_proj(mem.hidden).chunk(2, dim=-1))
+            hidden = self.normalized(mem.hidden, norm)  # B x M x D
+            k_mem, v_mem = (self.split_heads(t) for t in self.kv_proj(hidden).chunk(2, dim=-1))
         return torch.cat([k_mem, k], dim=2), torch.cat([v_mem, v], dim=2)  # B x H x S x Dh
 
     def set_layer_index(self, index: int) -> None:
@@ -174,11 +191,12 @@ class SoftmaxAttention(Attention):
 
     encodes_positions = ("rotary", "alibi")
 
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, mem)  # B x H x S x Dh (unrotated: cached as such)
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
+        h = self.normalized(x, norm)  # B x T x D
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = self.keys_values(h, mem, norm)  # B x H x S x Dh (unrotated: cached as such)
         T, S = q.size(2), k.size(2)
-        new_mem = HiddenMemory.extend(mem, x, keep, k, v)
+        new_mem = HiddenMemory.extend(mem, x, keep, k, v)  # the raw inputs
         bias = None
         if self.pos_emb == "rotary":  # rotated at their place in the current window
             key_pos = torch.arange(S, device=x.device)

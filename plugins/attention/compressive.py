@@ -19,10 +19,15 @@ until a block is complete, so nothing is dropped and the context stays contiguou
 between mem_len and mem_len + c - 1 states. With ``--cmem-len 0`` nothing is compressed and the model is
 Transformer-XL exactly (same parameters, same outputs).
 
+m and cm hold the layer's RAW inputs (the hidden states of Algorithm 1) and f_c compresses raw inputs. A
+pre-norm layer (``--decoder-normalize-before``) normalizes ``[cm; m; x]`` with the current LayerNorm
+weights when it attends them (Transformer-XL's ``pre_lnorm``, ``base.py``), so compressed slots live in the
+same space as the memory and the LayerNorm learns from every attended position.
+
 How f_c is trained (``--compression-loss``):
 
 - ``attention_reconstruction`` (Algorithm 2, the paper's best): with stop-gradients on the layer input x,
-  the evicted states and the attention weights W_q, W_k, W_v,
+  the evicted states and the attention weights W_q, W_k, W_v (and the pre-norm LayerNorm),
   ``L = || attn(x, old) - attn(x, f_c(old)) ||^2`` (content attention per head, mean squared error), so the
   loss trains only f_c; the compressed memory the next segments attend to is detached, so the LM loss does
   not train f_c (the paper's stop-gradient in the other direction);
@@ -43,7 +48,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import UserError
 from ..memory import HiddenMemory
@@ -52,6 +57,14 @@ from .base import AuxLoss, register_attention
 from .relative import RelativeAttention, RelativeAttentionConfig
 
 COMPRESSION_LOSSES = ("attention_reconstruction", "autoencoding", "bptt")
+
+
+def frozen(norm: Optional[nn.Module], m: Tensor) -> Tensor:
+    """``norm(m)`` with its parameters detached (the compression loss trains f_c only), or ``m``."""
+    if norm is None:
+        return m
+    params = {name: p.detach() for name, p in norm.named_parameters()}
+    return torch.func.functional_call(norm, params, (m,))
 
 
 @dataclass
@@ -143,11 +156,12 @@ class CompressiveAttention(RelativeAttention):
             raise UserError("--same-length (Transformer-XL's evaluation window) is not defined with --cmem-len > 0")
 
     # ---- forward -----------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        compressed, fresh = self.compressed_memory(x, mem)  # B x N x D
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, mem)  # B x H x (M+T) x Dh: [memory; segment]
-        ck, cv = (self.split_heads(t) for t in self.kv_proj(compressed).chunk(2, dim=-1))  # B x H x N x Dh
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
+        compressed, fresh = self.compressed_memory(x, mem)  # B x N x D: f_c of raw inputs
+        h = self.normalized(x, norm)  # B x T x D (pre-norm: LN of [cm; m; x] with the current weights)
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = self.keys_values(h, mem, norm)  # B x H x (M+T) x Dh: [memory; segment]
+        ck, cv = self.compressed_keys_values(compressed, norm)  # B x H x N x Dh
         window = keep if self.cfg.same_length else None
         need_weights = self.compress is not None and self.compress.needs_usage
         out, weights = self.relative_attention(
@@ -159,7 +173,12 @@ class CompressiveAttention(RelativeAttention):
         if keep == 0:
             return out, None
         usage = None if weights is None else weights[..., compressed.size(1) :].mean(dim=1)  # B x T x (M+T)
-        return out, self.next_memory(mem, x, keep, compressed, k, v, usage)
+        return out, self.next_memory(mem, x, keep, compressed, k, v, usage, h, norm)
+
+    def compressed_keys_values(self, compressed: Tensor, norm: Optional[nn.Module]) -> Tuple[Tensor, Tensor]:
+        """K, V (B x H x N x Dh) of the compressed slots (raw states), normalized like the memory."""
+        kv = self.kv_proj(self.normalized(compressed, norm))  # B x N x 2D
+        return tuple(self.split_heads(t) for t in kv.chunk(2, dim=-1))
 
     def compressed_memory(self, x: Tensor, mem: Optional[HiddenMemory]) -> Tuple[Tensor, bool]:
         """The compressed memory this forward attends to (B x N x D), and whether f_c ran to make it (bptt:
@@ -175,10 +194,14 @@ class CompressiveAttention(RelativeAttention):
         return torch.cat([stored, new], dim=1)[:, -self.cfg.cmem_len :], True  # B x N x D (FIFO)
 
     def next_memory(
-        self, mem: Optional[HiddenMemory], x: Tensor, keep: Optional[int], compressed: Tensor, k, v, usage
-    ) -> "CompressiveMemory":
-        """Append the segment, evict the overflow beyond ``keep`` in whole blocks of c, compress it (or, bptt,
-        keep it pending for the next forward), and track each memory state's attention usage."""
+        self, mem: Optional[HiddenMemory], x: Tensor, keep: Optional[int], compressed: Tensor, k, v, usage,
+        h: Tensor, norm: Optional[nn.Module],
+    ) -> "CompressiveMemory":  # fmt: skip
+        """Append the segment (raw inputs ``x``; ``h``: as attended), evict the overflow beyond ``keep`` in
+        whole blocks of c, compress it (or, bptt, keep it pending for the next forward), and track each
+        memory state's attention usage. What is compressed is the memory's old raw inputs (the layer's
+        hidden states, Rae et al. 2020 Algorithm 1); a pre-norm layer normalizes the compressed slots when
+        it attends them, with the current weights, like the memory."""
         ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x (M+T) x D
         overflow = 0 if keep is None else max(ctx.size(1) - keep, 0)
         evict = (
@@ -205,7 +228,7 @@ class CompressiveAttention(RelativeAttention):
         old = evicted.detach()
         new = self.compress(old, evicted_usage)  # B x E/c x D: gradient only into f_c
         if self.cfg.compression_loss != "bptt":
-            state.loss = self.compression_loss(x, old, new)
+            state.loss = self.compression_loss(h, old, new, norm)
         state.compressed = torch.cat([compressed, new.detach()], dim=1)[:, -self.cfg.cmem_len :]  # FIFO
         return state
 
@@ -234,14 +257,16 @@ class CompressiveAttention(RelativeAttention):
         return sum((p.sum() for p in params), self.q_proj.weight.new_zeros(())) * 0.0
 
     # ---- compression losses (Sec. 3.2) -------------------------------------------------------------------
-    def compression_loss(self, x: Tensor, old: Tensor, new: Tensor) -> Tensor:
-        """Per-stream loss (B) for compressing ``old`` (B x E x D, detached) into ``new`` (B x E/c x D)."""
+    def compression_loss(self, h: Tensor, old: Tensor, new: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
+        """Per-stream loss (B) for compressing ``old`` (B x E x D, raw, detached) into ``new`` (B x E/c x D);
+        ``h``: the segment as attended (B x T x D), ``norm``: how the layer normalizes attended states."""
         if self.cfg.compression_loss == "autoencoding":
             return (self.reconstruct(new) - old).pow(2).mean(dim=(1, 2))
-        q = F.linear(x.detach(), self.q_proj.weight.detach(), self.q_proj.bias.detach())
+        q = F.linear(h.detach(), self.q_proj.weight.detach(), self.q_proj.bias.detach())
         q = self.split_heads(q)  # B x H x T x Dh
 
-        def content_attention(m: Tensor) -> Tensor:  # softmax(q k^T / sqrt(Dh)) v with frozen W_k, W_v
+        def content_attention(m: Tensor) -> Tensor:  # softmax(q k^T / sqrt(Dh)) v with frozen LN, W_k, W_v
+            m = frozen(norm, m)  # B x L x D, as the attention sees it
             kv = F.linear(m, self.kv_proj.weight.detach(), self.kv_proj.bias.detach())
             k, v = (self.split_heads(t) for t in kv.chunk(2, dim=-1))  # B x H x L x Dh
             return F.scaled_dot_product_attention(q, k, v)  # B x H x T x Dh
@@ -255,14 +280,17 @@ class CompressiveAttention(RelativeAttention):
         return {"compression": AuxLoss(loss.mean(), self.cfg.compression_loss_weight)}
 
     # ---- analysis ----------------------------------------------------------------------------------------
-    def attention_weights(self, x: Tensor, mem: Optional[HiddenMemory]) -> Tuple[Tensor, Tuple[int, int, int]]:
-        """The attention weights of a forward over ``(x, mem)`` (B x H x T x S) and the key spans
+    def attention_weights(
+        self, x: Tensor, mem: Optional[HiddenMemory], norm: Optional[nn.Module] = None
+    ) -> Tuple[Tensor, Tuple[int, int, int]]:
+        """The attention weights of a forward over ``(x, mem, norm)`` (B x H x T x S) and the key spans
         (compressed N, memory M, segment T), for analysis (recipes/compressive/attention_analysis.py)."""
         with torch.no_grad():
             compressed, _ = self.compressed_memory(x, mem)
-            q = self.split_heads(self.q_proj(x))
-            k, v = self.keys_values(x, mem)
-            ck, cv = (self.split_heads(t) for t in self.kv_proj(compressed).chunk(2, dim=-1))
+            h = self.normalized(x, norm)
+            q = self.split_heads(self.q_proj(h))
+            k, v = self.keys_values(h, mem, norm)
+            ck, cv = self.compressed_keys_values(compressed, norm)
             _, weights = self.relative_attention(q, torch.cat([ck, k], 2), torch.cat([cv, v], 2), need_weights=True)
         N, T = compressed.size(1), x.size(1)
         return weights, (N, k.size(2) - T, T)

@@ -292,8 +292,9 @@ class LinearAttention(Attention):
         if getattr(cfg, "attention_dropout", 0) > 0:
             logger.warning("--attention linear has no attention weights: --attention-dropout is ignored")
 
-    def forward(self, x: Tensor, mem: Optional[LinearState], keep: Optional[int]):
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = (self.split_heads(t) for t in self.kv_proj(x).chunk(2, dim=-1))  # B x H x T x Dh
+    def forward(self, x: Tensor, mem: Optional[LinearState], keep: Optional[int], norm: Optional[nn.Module] = None):
+        h = self.normalized(x, norm)  # B x T x D (the state sums phi(K) V of past inputs: nothing to recompute)
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = (self.split_heads(t) for t in self.kv_proj(h).chunk(2, dim=-1))  # B x H x T x Dh
         out, new_mem = causal_linear_attention(self.feature_map, q, k, v, mem, keep, self.cfg.linear_chunk_size)
         return self.out_proj(self.merge_heads(out)), new_mem  # B x T x D

@@ -137,8 +137,9 @@ class LSHAttention(Attention):
         return torch.cat([rotated, -rotated], dim=-1).argmax(dim=-1)
 
     # ---- attention ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D (generation: the prefix)
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
+        ctx = x if mem is None else torch.cat([mem.hidden, x], dim=1)  # B x S x D (generation: the raw prefix)
+        ctx = self.normalized(ctx, norm)
         qk = self.split_heads(self.q_proj(ctx))  # B x H x S x Dh
         v = self.split_heads(self.v_proj(ctx))  # B x H x S x Dh
         out = self.lsh_attend(qk, v)[:, :, -x.size(1) :]  # B x H x T x Dh

@@ -81,9 +81,10 @@ class RelativeAttention(Attention):
         if not self.cfg.untie_r:
             self.u, self.v = first.u, first.v
 
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, mem)  # B x H x S x Dh
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
+        h = self.normalized(x, norm)  # B x T x D (pre-norm: the memory is normalized in keys_values)
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = self.keys_values(h, mem, norm)  # B x H x S x Dh
         out, _ = self.relative_attention(q, k, v, window=keep if self.cfg.same_length else None)
         return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)
 

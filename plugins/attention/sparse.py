@@ -47,7 +47,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from fairseq.dataclass import ChoiceEnum
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import UserError
@@ -171,9 +171,10 @@ class SparseAttention(Attention):
         return pattern_mask(self.pattern, self.stride, self.summary, factor, query_pos[:, None], key_pos[None, :])
 
     # ---- forward -------------------------------------------------------------------------------------
-    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int]):
-        q = self.split_heads(self.q_proj(x))  # B x H x T x Dh
-        k, v = self.keys_values(x, mem)  # B x H x S x Dh, S = M + T
+    def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
+        h = self.normalized(x, norm)  # B x T x D (the memory holds raw inputs, normalized in keys_values)
+        q = self.split_heads(self.q_proj(h))  # B x H x T x Dh
+        k, v = self.keys_values(h, mem, norm)  # B x H x S x Dh, S = M + T
         # Only the whole past (keep=None: decoding) is kept: a bounded memory would lose the absolute
         # positions the fixed pattern needs, hence supports_memory = False (no --mem-len), and keep > 0
         # keeps nothing.

@@ -3,6 +3,12 @@
     pre-norm:   x = x + Drop(Attn(LN(x)));  x = x + Drop(FFN(LN(x)))
     post-norm:  x = LN(x + Drop(Attn(x)));  x = LN(x + Drop(FFN(x)))
 
+With memory, pre-norm is the official Transformer-XL's ``pre_lnorm``: the attention sublayer is
+``Attn(LN([mem; x]))[-T:]`` where ``mem`` holds the RAW inputs of past positions, normalized together with
+the segment with the current LayerNorm weights. The layer passes its norm to the attention (``norm=``),
+which applies it to everything it attends (``base.py``), so the memory keeps raw inputs for every
+mechanism alike.
+
 The layer never looks at which attention it holds: memory goes in and comes out unchanged in kind.
 """
 
@@ -31,16 +37,18 @@ class DecoderLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
 
-    def _sublayer(self, x: Tensor, norm: nn.Module, fn):
-        h = norm(x) if self.normalize_before else x
-        h, extra = fn(h)
-        x = x + self.dropout(h)
-        return (x if self.normalize_before else norm(x)), extra
-
     def forward(
         self, x: Tensor, mem: Optional[TensorState], keep: Optional[int]
     ) -> Tuple[Tensor, Optional[TensorState]]:  # x: B x T x D
-        x, new_mem = self._sublayer(x, self.attn_norm, lambda h: self.attn(h, mem, keep))
+        if self.normalize_before:  # x + Drop(Attn(LN(x))), LN applied by the attention (memory included)
+            out, new_mem = self.attn(x, mem, keep, norm=self.attn_norm)
+            x = x + self.dropout(out)
+        else:
+            out, new_mem = self.attn(x, mem, keep)
+            x = self.attn_norm(x + self.dropout(out))
         if self.ffn is not None:
-            x, _ = self._sublayer(x, self.ffn_norm, lambda h: (self.ffn(h), None))
+            if self.normalize_before:
+                x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+            else:
+                x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x, new_mem

@@ -39,8 +39,9 @@ from .decoder_layer import DecoderLayer
 
 
 def attention_branch(layer: DecoderLayer, x: Tensor, mem: Optional[TensorState], keep: Optional[int]):
-    """F(x) = Drop(Attn(LN(x))) and the attention's next memory."""
-    out, new_mem = layer.attn(layer.attn_norm(x), mem, keep)
+    """F(x) = Drop(Attn(LN(x))) and the attention's next memory (LN applied by the attention, to the
+    memory's raw inputs too: ``DecoderLayer``)."""
+    out, new_mem = layer.attn(x, mem, keep, norm=layer.attn_norm)
     return layer.dropout(out), new_mem
 
 

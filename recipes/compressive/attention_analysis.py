@@ -56,11 +56,11 @@ def collect(model, dataset, segments: int, bins: int) -> Dict:
     counted = [0]
     depth = [0]
 
-    def hook(attn, args, output):
+    def hook(attn, args, kwargs, output):
         x, mem = args[0], args[1]
         layer = depth[0] % num_layers
         depth[0] += 1
-        weights, (N, M, T) = attn.attention_weights(x, mem)  # B x H x T x S
+        weights, (N, M, T) = attn.attention_weights(x, mem, kwargs.get("norm"))  # B x H x T x S (pre-norm: LN)
         if N < cmem_len:
             return  # not yet at steady state
         w = weights.double().mean(dim=(0, 1))  # T x S, averaged over streams and heads
@@ -73,7 +73,7 @@ def collect(model, dataset, segments: int, bins: int) -> Dict:
         if layer == 0:
             counted[0] += 1
 
-    handles = [layer.attn.register_forward_hook(hook) for layer in model.decoder.layers]
+    handles = [layer.attn.register_forward_hook(hook, with_kwargs=True) for layer in model.decoder.layers]
     try:
         with torch.no_grad():
             for i in range(min(segments, len(dataset))):

@@ -8,7 +8,10 @@ ramp 32 (official default), ``--pers-mem-size`` -> ``--persistent-mem-size``, ``
 persistent memory -> ``--decoder-ffn-embed-dim 0`` (the official layer drops its feed-forward sublayer).
 The official ``--dropout`` applies to the attention weights and the feed-forward hidden layer only, i.e.
 our ``--attention-dropout`` and ``--activation-dropout``; the residual branches have none (``--dropout 0``).
-Official layers are post-norm. ``--block-sz`` is the task's ``--tokens-per-sample`` (512 for enwik8/text8,
+Official layers are post-norm. The official window is ``--span-window official`` (query t attends the S
+positions before it, not itself, and every stream starts with a cache of S zero vectors: models.py /
+train.py), the default of every preset copied from an official script; the ``*_tiny`` presets keep the
+project's ``inclusive`` window (itself and the S - 1 before it). ``--block-sz`` is the task's ``--tokens-per-sample`` (512 for enwik8/text8,
 256 for WikiText-103) and the optimizer is set in recipes/adaptive_span/run.sh.
 """
 
@@ -21,7 +24,7 @@ from .full import full_tiny
 def _adaptive(args, max_span: int, dropout: float, **values):
     _defaults(args, attention="adaptive_span", pos_emb="relative", max_span=max_span, mem_len=max_span,
               span_ramp=32, span_init=0.0, dropout=0.0, attention_dropout=dropout, activation_dropout=dropout,
-              decoder_normalize_before=False, **values)  # fmt: skip
+              decoder_normalize_before=False, span_window="official", **values)  # fmt: skip
 
 
 @register_model_architecture("efficient_lm", "adaptive_span_tiny")
