@@ -24,6 +24,7 @@ are cut into v sub-blocks of c, numbered s = 0, 1, ... from the end, and the k-t
     A2_k(i) = {j : L - (s + 1) c <= j mod L < L - s c} u {i},   s = k mod v
 
 v = 1 (the default) is the A2 above for every head: the last c positions.
+
 With L ~ sqrt(N) (strided) or c * N / L ~ L (fixed) every query attends O(sqrt(N)) keys.
 
 How the factors are spread over heads and layers (Sec. 5.2, ``--sparse-heads``):
@@ -254,9 +255,9 @@ class SparseAttention(Attention):
     def block_layout(self, r0: int, r1: int, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Absolute key positions and masks of the two key groups of the Nc = (r1 - r0) L queries of stride
         blocks r0 .. r1-1: ``local_pos`` Nc x W Bk (each query block's window), ``local_mask`` H' x Nc x W Bk,
-        ``far_pos`` (strided: Nc x F, the query's column in rows < r1, F = r1; fixed: H' x 1 x F, each head's
-        summary keys of blocks < r1, F = r1 c) and ``far_mask`` H' x Nc x F. Every allowed pair is in exactly one group
-        (tested); keys at or after the end of block r1 - 1 are in neither (causality)."""
+        ``far_pos`` (strided: Nc x F, the query's column in rows < r1, F = r1; fixed: H' x 1 x F, each
+        head's summary keys of blocks < r1, F = r1 c) and ``far_mask`` H' x Nc x F. Every allowed pair is
+        in exactly one group (tested); keys at or after the end of block r1 - 1 are in neither (causality)."""
         L, Bk, W = self.stride, self.block, self.window_blocks
         i = torch.arange(r0 * L, r1 * L, device=device)  # Nc query positions
         window_start = (i // Bk - (W - 1)) * Bk  # first key of each query's block window
