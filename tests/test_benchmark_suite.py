@@ -18,6 +18,8 @@ def test_smoke_run_covers_every_registered_attention(tmp_path):
     ours = [r for r in rows if r["section"] == "layer" and not r.get("peer")]
     expected = {name for name in ATTENTION_REGISTRY if layer.VARIANTS.get(name, [("", {})])}
     assert {r["attention"] for r in ours} == expected
+    variants = {(name, label) for name in expected for label, _ in layer.VARIANTS.get(name, [("", {})])}
+    assert {(r["attention"], r["label"]) for r in ours} == variants  # every variant has its rows
     failed = [(r["attention"], r["label"], r.get("error")) for r in ours if r["status"] != "ok"]
     assert not failed, failed
     assert all(r["time_ms"] > 0 and r["peak_mb"] >= 0 for r in ours)

@@ -1,7 +1,9 @@
 """Reformer (Kitaev et al. 2020): LSH attention, reversible layers, chunked feed-forward.
 
 - LSH: exact shared-QK causal attention when one bucket/chunk covers the sequence; approaches it with
-  more hashing rounds; never attends to a later position; self-attention only when alone.
+  more hashing rounds; with several rounds and buckets longer than two chunks, equals one softmax over the
+  enumerated union of the pairs the rounds compared; never attends to a later position; self-attention only
+  when alone.
 - Reversible: gradients of every parameter and of the input equal the plain computation of the same
   coupled network (float32, 1e-5), with dropout on too; the activation memory held during training
   (measured with saved-tensor hooks, forward and backward) does not grow with depth.
@@ -95,6 +97,70 @@ def test_many_hashes_approach_full_attention():
     errors = [(lsh(n, 16, 32).lsh_attend(qk, v) - reference).abs().mean().item() for n in (1, 4, 32)]
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[2] < 0.05 * errors[0], errors
+
+
+def enumerate_compared_pairs(buckets, chunk: int) -> list:
+    """Kitaev et al. 2020, Sec. 2 and Appendix A, written out: for every hashing round, sort the positions by
+    (bucket, position), cut into chunks, and let each query meet the keys of its chunk and the previous one
+    that are in its bucket and not later than itself. ``buckets``: R lists of S bucket ids (one batch row
+    and head). Returns, per round, the set of compared (i, j)."""
+    rounds = []
+    for round_buckets in buckets:
+        S = len(round_buckets)
+        order = sorted(range(S), key=lambda p: (round_buckets[p], p))
+        chunks = [order[start : start + chunk] for start in range(0, S, chunk)]
+        compared = set()
+        for k, own in enumerate(chunks):
+            window = (chunks[k - 1] if k > 0 else []) + own
+            for i in own:
+                for j in window:
+                    if round_buckets[j] == round_buckets[i] and j <= i:
+                        compared.add((i, j))
+        rounds.append(compared)
+    return rounds
+
+
+@pytest.mark.parametrize("n_hashes", [2, 3, 4])
+def test_multi_round_output_is_softmax_over_the_union_of_compared_pairs(n_hashes):
+    """Buckets spanning more than two chunks: a pair can share a bucket in a round without being compared
+    there. Each compared (i, j) must count once (Appendix A's N_ij = rounds in which j is *compared* with
+    i), so the output is one softmax over the union of the rounds' compared pairs: values and gradients
+    against that softmax, with the pairs enumerated in plain Python."""
+    S, C = 32, 4
+    attn = lsh(n_hashes, bucket_size=C, chunk_size=C)
+    g = torch.Generator().manual_seed(n_hashes)
+    # three clusters of 6, 10 and 16 positions (random places), each hashed as one bucket in most rounds:
+    # buckets of up to four chunks whose chunk boundaries move from round to round
+    cluster = torch.tensor([0] * 6 + [1] * 10 + [2] * 16)[torch.randperm(S, generator=g)]
+    centers = torch.randn(B, H, 3, Dh, generator=g, dtype=torch.float64) * 3
+    qk = centers[:, :, cluster] + 0.3 * torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
+    v = torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
+    qk.requires_grad_(), v.requires_grad_()
+
+    buckets = attn.hash(qk.detach(), even_buckets(S, C))  # B x H x R x S: the module's own (fixed) hash
+    allowed = torch.zeros(B, H, S, S, dtype=torch.bool)
+    undercounted = 0  # pairs that share a bucket in more rounds than they are compared in
+    for b in range(B):
+        for h in range(H):
+            rounds = enumerate_compared_pairs(buckets[b, h].tolist(), C)
+            for i, j in set().union(*rounds):
+                allowed[b, h, i, j] = True
+                shared = sum(int(buckets[b, h, r, i] == buckets[b, h, r, j]) for r in range(n_hashes))
+                undercounted += sum((i, j) in pairs for pairs in rounds) < shared
+    assert undercounted > 0  # the regime where "share a bucket" and "compared" differ is exercised
+
+    def union_softmax():
+        scores = qk @ F.normalize(qk, dim=-1).transpose(-1, -2) / Dh**0.5  # B x H x S x S
+        scores = scores.masked_fill(torch.eye(S, dtype=torch.bool), SELF_SCORE)
+        return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v
+
+    weights = torch.randn(B, H, S, Dh, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda: attn.lsh_attend(qk, v), union_softmax):
+        out = fn()
+        results.append((out, *torch.autograd.grad((out * weights).sum(), [qk, v])))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
 
 
 def test_lsh_is_causal_in_the_chunked_regime():

@@ -39,11 +39,11 @@ LAYOUTS = [("merged", 0), ("split", 0), ("interleave", 0), ("interleave", 1)]
 
 
 def make(pattern, heads="merged", layer=0, stride=8, block=4, summary=3, dropout=0.0, checkpoint=False, heads_n=H,
-         chunk=None):  # fmt: skip
+         chunk=None, summary_blocks=1):  # fmt: skip
     torch.manual_seed(0)
     options = SimpleNamespace(
         sparse_pattern=pattern, sparse_stride=stride, sparse_block=block, sparse_summary=summary,
-        sparse_heads=heads, sparse_checkpoint=checkpoint,
+        sparse_heads=heads, sparse_checkpoint=checkpoint, sparse_summary_blocks=summary_blocks,
     )  # fmt: skip
     attn = build_attention("sparse", D, heads_n, dropout, options).to(torch.float64).eval()
     attn.set_layer_index(layer)
@@ -61,6 +61,23 @@ def paper_set(pattern: str, factor: int, i: int, L: int, c: int) -> set:
         a1 = {j for j in range(i + 1) if j // L == i // L}
         a2 = {j for j in range(i + 1) if j % L >= L - c} | {i}  # + i: no query attends nothing
     return {FACTOR1: a1, FACTOR2: a2, UNION: a1 | a2}[factor]
+
+
+def openai_summary_sets(heads: int, factors: list, L: int, c: int, v: int) -> list:
+    """Per head, the offsets (j mod L) of its summary positions, as OpenAI's ``get_blocksparse_obj`` builds
+    them for ``num_verts`` = v (at position granularity): the offsets of a stride block from last to first,
+    cut into rows of c; the k-th head that attends the summaries takes row k mod v (Child et al. 2019, Sec.
+    4.3: distinct sub-blocks of length c per head). Heads that attend A1 only get none."""
+    offsets = list(range(L - 1, -1, -1))
+    rows = [offsets[n : n + c] for n in range(0, L, c)]
+    sets, k = [], 0
+    for h in range(heads):
+        if factors[h] == FACTOR1:
+            sets.append(set())
+        else:
+            sets.append(set(rows[k % v]))
+            k += 1
+    return sets
 
 
 def dense_reference(attn, x):
@@ -83,6 +100,58 @@ def test_pattern_mask_is_the_papers_definition(pattern, factor, L, c):
     mask = pattern_mask(pattern, L, c, torch.tensor(factor), pos[:, None], pos[None, :])  # N x N
     for i in range(N):
         assert set(mask[i].nonzero().flatten().tolist()) == paper_set(pattern, factor, i, L, c), i
+
+
+@pytest.mark.parametrize("heads,layer", LAYOUTS)
+@pytest.mark.parametrize("L,c,v", [(8, 2, 2), (8, 2, 4), (9, 3, 3), (8, 3, 2)])
+def test_summary_blocks_per_head_are_openais_sub_blocks(heads, layer, L, c, v):
+    """--sparse-summary-blocks v: the (query, key) pairs each head attends == the fixed pattern's sets with
+    that head's sub-block of summaries, enumerated independently (8 heads, so split has 4 summary heads)."""
+    heads_n, N = 8, 4 * L + 3
+    attn = make("fixed", heads, layer, stride=L, block=1, summary=c, heads_n=heads_n, summary_blocks=v)
+    factors = attn.head_factors()
+    summaries = openai_summary_sets(heads_n, factors, L, c, v)
+    pos = torch.arange(N)
+    mask = attn.mask(pos, pos).expand(heads_n, N, N)
+    for h in range(heads_n):
+        expected = set()
+        for i in range(N):
+            a1 = {j for j in range(i + 1) if j // L == i // L}
+            a2 = {j for j in range(i + 1) if j % L in summaries[h]} | {i}
+            expected |= {(i, j) for j in {FACTOR1: a1, FACTOR2: a2, UNION: a1 | a2}[factors[h]]}
+        assert set(map(tuple, mask[h].nonzero().tolist())) == expected, h
+    if heads == "merged":  # the heads really differ: v distinct summary sets
+        assert len({frozenset(s) for s in summaries}) == v
+
+
+@pytest.mark.parametrize("heads,layer", LAYOUTS)
+@pytest.mark.parametrize("block", [1, 4, 8])
+def test_summary_blocks_block_sparse_equals_the_dense_reference(heads, layer, block):
+    """With distinct summary blocks per head: every allowed pair in exactly one key group, the block-sparse
+    output and all gradients equal the dense masked reference, decoding over the cached past == parallel."""
+    attn = make("fixed", heads, layer, stride=8, block=block, summary=3, summary_blocks=2, chunk=16)
+    for r0, r1 in ((0, 5), (2, 4)):
+        local_pos, local_mask, far_pos, far_mask = attn.block_layout(r0, r1)
+        counts = torch.zeros(local_mask.size(0), (r1 - r0) * 8, 41, dtype=torch.long)
+        for pos, mask in ((local_pos, local_mask), (far_pos, far_mask)):
+            counts.scatter_add_(2, torch.where(pos >= 0, pos, 40).expand(mask.shape), mask.long())
+        expected = attn.mask(torch.arange(r0 * 8, r1 * 8), torch.arange(40)).long()
+        assert torch.equal(counts[..., :40], expected.expand_as(counts[..., :40])) and counts[..., 40].sum() == 0
+    x = torch.randn(B, 21, D, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(B, 21, D, dtype=torch.float64)
+    results = []
+    for fn in (lambda: attn(x, None, keep=0)[0], lambda: dense_reference(attn, x)):
+        out = fn()
+        results.append((out, *torch.autograd.grad((out * target).sum(), [x, *attn.parameters()])))
+    for sparse, dense in zip(*results):
+        torch.testing.assert_close(sparse, dense, **EXACT64)
+    with torch.no_grad():
+        out, mem = attn(x[:, :5], None, keep=None)  # a prompt, then one token at a time
+        steps = [out]
+        for t in range(5, 21):
+            out, mem = attn(x[:, t : t + 1], mem, keep=None)
+            steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, dim=1), results[0][0].detach(), **EXACT64)
 
 
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
@@ -249,6 +318,10 @@ def test_interleaved_layers_alternate_the_factors(lm):
         (dict(sparse_stride=8, sparse_block=3), "--sparse-block 3 must divide --sparse-stride 8"),
         (dict(sparse_stride=8, sparse_summary=9), "--sparse-summary 9 must be between 1 and --sparse-stride 8"),
         (dict(sparse_stride=8, sparse_summary=0), "--sparse-summary 0 must be between"),
+        (dict(sparse_pattern="strided", sparse_summary_blocks=2), "only in the fixed pattern"),
+        (dict(sparse_summary_blocks=0), "--sparse-summary-blocks 0: distinct summary blocks"),
+        (dict(sparse_stride=8, sparse_summary=3, sparse_summary_blocks=3), "= 9 summary positions do not fit"),
+        (dict(sparse_stride=8, sparse_summary=1, sparse_summary_blocks=3, sparse_heads="split"), "more than the 1"),
         (dict(mem_len=8, pos_emb="none"), "cannot attend over a memory; drop --mem-len"),
         (dict(sparse_heads="split", decoder_attention_heads=1), "needs at least 2 heads"),
         (dict(sparse_heads="interleave", share_layers=True), "--share-layers"),

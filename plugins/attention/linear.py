@@ -115,10 +115,17 @@ class FavorFeatures(FeatureMap):
 
 def orthogonal_gaussian(rows: int, cols: int) -> Tensor:
     """``rows`` x ``cols``: blocks of ``cols`` orthonormal rows, each row scaled to the norm of a Gaussian
-    vector (so every row is marginally N(0, I), and rows within a block are exactly orthogonal)."""
+    vector (so every row is marginally N(0, I), and rows within a block are exactly orthogonal).
+
+    A block is Q of the QR decomposition of a Gaussian matrix with Q's columns multiplied by the signs of
+    R's diagonal (Mezzadri 2007, "How to generate random matrices from the classical compact groups",
+    Sec. 5): that Q is Haar-distributed. Without it Q inherits the QR routine's sign convention (R's
+    diagonal of one fixed sign), which makes, e.g., the first coordinate of every block's first row
+    negative, and the kernel estimate biased."""
     blocks = []
     for _ in range(math.ceil(rows / cols)):
-        q, _ = torch.linalg.qr(torch.randn(cols, cols))
+        q, r = torch.linalg.qr(torch.randn(cols, cols))
+        q = q * torch.where(r.diagonal() < 0, -1.0, 1.0)  # column j times sign(R_jj) (a zero diagonal: +1)
         blocks.append(q.t())
     norms = torch.randn(rows, cols).norm(dim=1, keepdim=True)
     return torch.cat(blocks)[:rows] * norms

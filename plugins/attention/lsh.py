@@ -19,10 +19,13 @@ and never to itself unless nothing else is available (self-attention scores are 
 shared-QK query is always most similar to itself). The rounds are combined with their log-sum-exp
 weights, correcting for keys found in several rounds (Appendix A, Eqs. 6-9):
 
-    s_ij^(r) = q_i . k_j / sqrt(Dh) - log N_ij,   N_ij = #rounds in which i and j share a bucket,
+    s_ij^(r) = q_i . k_j / sqrt(Dh) - log N_ij,   N_ij = #rounds in which j is compared with i,
     o_i = sum_r exp(z_i^(r) - logsumexp_r' z_i^(r')) o_i^(r),   z_i^(r) = logsumexp_j s_ij^(r),
 
-so if every same-bucket key falls into the query's two chunks, o_i is exactly softmax attention over
+where "compared" means in i's bucket AND in i's chunk or the previous one after that round's sort (trax's
+``dup_counts``; sharing a bucket is not enough when a bucket spans more than two chunks). Then o_i is
+exactly one softmax over the union of the pairs the rounds compared, each counted once (tested against
+an enumeration of those pairs); if every same-bucket key falls into the query's two chunks, that union is
 the union of its buckets. Sizes: n_b = ceil(S / ``--lsh-bucket-size``) buckets (rounded up to even;
 the bucket size is the *average* bucket size), and a sequence no longer than one chunk gets a single
 bucket and chunk: exact causal shared-QK attention. Longer sequences are padded to whole chunks (the
@@ -161,6 +164,7 @@ class LSHAttention(Attention):
         # position: masked for every real query), which sorts after every real position.
         pos = torch.arange(S, device=qk.device)
         order = (buckets * S + pos).argsort(dim=-1)  # B x H x R x S: sorted slot -> position
+        unsort = order.argsort(dim=-1)  # B x H x R x S: position -> sorted slot
         order = F.pad(order, (0, P - S), value=S)  # B x H x R x P
         buckets = F.pad(buckets, (0, 1), value=-1)  # B x H x R x (S+1): the padding position's bucket
         sorted_buckets = buckets.gather(-1, order)  # B x H x R x P
@@ -183,14 +187,13 @@ class LSHAttention(Attention):
         scores = torch.einsum("...cd,...ed->...ce", q * self.scale, keys)  # B x H x R x K x C x 2C
         scores.masked_fill_(k_pos == q_pos, SELF_SCORE)
         if R > 1:
-            scores.sub_(self.shared_rounds(buckets, order, R, K, C).log_().to(scores.dtype))
+            scores.sub_(self.compared_rounds(buckets, order, unsort, K, C).to(scores.dtype).clamp_(min=1).log_())
         scores.masked_fill_((k_pos > q_pos) | (k_bucket != q_bucket), float("-inf"))  # self stays: no empty row
         weights, lse = SoftmaxAndLogSumExp.apply(scores)  # B x H x R x K x C x {2C, 1}
         weights = F.dropout(weights, self.dropout, self.training)
         out = weights @ values  # B x H x R x K x C x Dh
 
         # Unsort: drop the padding (the last P - S slots of every round), then slot -> position.
-        unsort = order[..., :S].argsort(dim=-1)  # B x H x R x S: position -> sorted slot
         out = out.view(B, H, R, P, -1)[:, :, :, :S]
         out = out.gather(3, unsort[..., None].expand(-1, -1, -1, -1, out.size(-1)))  # B x H x R x S x Dh
         lse = lse.view(B, H, R, P)[..., :S].gather(3, unsort)  # B x H x R x S
@@ -198,18 +201,32 @@ class LSHAttention(Attention):
         return (round_weights[..., None] * out).sum(dim=2)  # B x H x S x Dh
 
     @staticmethod
-    def shared_rounds(buckets: Tensor, order: Tensor, R: int, K: int, C: int) -> Tensor:
-        """N_ij for every compared pair: in how many rounds query i and key j share a bucket (>= 1 for a
-        pair of the same bucket). buckets: B x H x R x (S+1), order: B x H x R x P -> ... x K x C x 2C."""
-        B, H = buckets.shape[:2]
-        count = None
-        for r in range(R):  # one round at a time: one boolean score-sized tensor, not R of them
-            b = buckets[:, :, r].gather(-1, order.reshape(B, H, -1)).view(B, H, R, K, C, 1)  # round-r buckets
-            same = b == look_one_back(b, -2).transpose(-1, -2)  # ... x C x 2C (before the first chunk: never)
-            count = same.to(torch.uint8) if count is None else count.add_(same)
-        # 0 only for pairs of different buckets in every round, which the bucket mask removes anyway;
-        # clamped so that their log stays finite until then
-        return count.float().clamp_(min=1)
+    def compared_rounds(buckets: Tensor, order: Tensor, unsort: Tensor, K: int, C: int) -> Tensor:
+        """N_ij for every scored pair: in how many rounds key j is *compared with* query i, i.e. is in i's
+        bucket and in i's chunk or the previous one after that round's sort (Appendix A; trax's
+        ``dup_counts``). Sharing a bucket is not enough: a bucket longer than two chunks puts some of its
+        pairs in no common window. buckets: B x H x R x (S+1), order: B x H x R x P (slot -> position),
+        unsort: B x H x R x S (position -> slot) -> uint8 counts B x H x R x K x C x 2C."""
+        B, H, R = buckets.shape[:3]
+        S = buckets.size(-1) - 1
+        # Per round and position, code = bucket * (K + 2) + chunk: j is compared with i in that round iff
+        # code_i = code_j (same bucket, same chunk) or code_i = code_j + 1 (same bucket, previous chunk);
+        # codes of different buckets differ by at least 2, so the two cases never overlap.
+        chunk = unsort // C  # B x H x R x S: position -> its chunk in each round
+        chunk = F.pad(chunk, (0, 1), value=K)  # the padding position S: bucket -1, chunk K (code -2)
+        code = (buckets * (K + 2) + chunk).to(torch.int32)  # B x H x R x (S+1)
+        q_pos = order.view(B, H, 1, R * K * C)  # the query positions of every round's slots
+        k_pos = look_one_back(order.view(B, H, R, K, C, 1), S).view(B, H, 1, R * K * 2 * C)
+        count = torch.zeros(B, H, R, K, C, 2 * C, dtype=torch.uint8, device=order.device)
+        hits = torch.empty_like(count, dtype=torch.bool)  # reused: one score-sized boolean in all
+        for r in range(R):
+            q_code = code[:, :, r : r + 1].gather(-1, q_pos).view(B, H, R, K, C, 1)
+            k_code = code[:, :, r : r + 1].gather(-1, k_pos).view(B, H, R, K, 1, 2 * C)
+            for shift in (0, 1):  # the key in the query's chunk, or in the previous one
+                count.add_(torch.eq(q_code, k_code + shift, out=hits).view(torch.uint8))  # view: no bool copy
+        # >= 1 for every pair of the same bucket in the round that scores it (it is compared there); 0 only
+        # for pairs the bucket mask removes anyway (the caller clamps them to 1: a finite log until then)
+        return count
 
 
 class SoftmaxAndLogSumExp(torch.autograd.Function):

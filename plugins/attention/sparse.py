@@ -14,6 +14,17 @@ The two factors of query i (causal: only keys j <= i; Sec. 4.3, "Strided" and "F
 
 ``{i}`` is added to the fixed A2 so that the first positions of the sequence, which precede every
 summary position, still attend to something (the paper leaves that softmax over nothing undefined).
+
+Distinct summary blocks per head (fixed pattern, ``--sparse-summary-blocks v``; Sec. 4.3: "when using
+multiple heads, having them attend to distinct subblocks of length c within the block of size l was
+preferable"; OpenAI's ``num_verts`` in ``get_blocksparse_obj``): the stride block's last v c positions
+are cut into v sub-blocks of c, numbered s = 0, 1, ... from the end, and the k-th head that attends A2
+(k = 0, 1, ... in head order) uses sub-block s = k mod v::
+
+    A2_k(i) = {j : L - (s + 1) c <= j mod L < L - s c} u {i},   s = k mod v
+
+v = 1 (the default) is the A2 above for every head: the last c positions.
+
 With L ~ sqrt(N) (strided) or c * N / L ~ L (fixed) every query attends O(sqrt(N)) keys.
 
 How the factors are spread over heads and layers (Sec. 5.2, ``--sparse-heads``):
@@ -81,6 +92,13 @@ class SparseAttentionConfig(AttentionConfig):
         metadata={"help": "fixed pattern: summary positions c at the end of every stride block (the paper uses "
                   "c in {8, 16, 32}; 32 on enwik8)"},
     )  # fmt: skip
+    sparse_summary_blocks: int = field(
+        default=1,
+        metadata={"help": "fixed pattern: v distinct summary sub-blocks of --sparse-summary positions; the k-th head "
+                  "that attends the summaries uses the (k mod v)-th block of c counted from the end of each stride "
+                  "block (Child et al. 2019, Sec. 4.3; openai's num_verts); needs v * c <= --sparse-stride; "
+                  "1: every head the last c positions"},
+    )  # fmt: skip
     sparse_heads: ChoiceEnum(["merged", "split", "interleave"]) = field(
         default="merged",
         metadata={"help": "merged: every head attends the union of both factors; split: half the heads each factor; "
@@ -93,17 +111,21 @@ class SparseAttentionConfig(AttentionConfig):
     )  # fmt: skip
 
 
-def pattern_mask(pattern: str, stride: int, summary: int, factor: Tensor, query_pos: Tensor, key_pos: Tensor):
+def pattern_mask(pattern: str, stride: int, summary: int, factor: Tensor, query_pos: Tensor, key_pos: Tensor,
+                 sub_block=0):  # fmt: skip
     """True where query ``query_pos`` may attend key ``key_pos`` (broadcast against each other and against
-    ``factor``: UNION, FACTOR1 or FACTOR2 per head). The definition of the pattern; the block-sparse
-    computation and the test reference both use it. Negative key positions (padding) are never allowed."""
+    ``factor``: UNION, FACTOR1 or FACTOR2 per head, and ``sub_block``: the fixed pattern's summary sub-block
+    s per head, 0 = the last ``summary`` positions of each stride block). The definition of the pattern;
+    the block-sparse computation and the test reference both use it. Negative key positions (padding) are
+    never allowed."""
     i, j = query_pos, key_pos
     if pattern == "strided":
         a1 = j >= i - stride
         a2 = torch.remainder(i - j, stride) == 0
     else:
         a1 = torch.div(j, stride, rounding_mode="floor") == torch.div(i, stride, rounding_mode="floor")
-        a2 = (torch.remainder(j, stride) >= stride - summary) | (j == i)
+        from_end = stride - 1 - torch.remainder(j, stride)  # 0 for the last position of a stride block
+        a2 = (torch.div(from_end, summary, rounding_mode="floor") == sub_block) | (j == i)
     allowed = torch.where(factor == FACTOR1, a1, torch.where(factor == FACTOR2, a2, a1 | a2))
     return allowed & (j <= i) & (j >= 0)
 
@@ -118,6 +140,7 @@ class SparseAttention(Attention):
         self.stride = cfg.sparse_stride
         self.block = cfg.sparse_block or cfg.sparse_stride
         self.summary = cfg.sparse_summary
+        self.summary_blocks = getattr(cfg, "sparse_summary_blocks", 1)  # absent from older saved configs
         self.heads_mode = str(cfg.sparse_heads)
         self.layer_index = 0
         self.query_chunk = QUERY_CHUNK
@@ -139,6 +162,26 @@ class SparseAttention(Attention):
             raise UserError(f"--sparse-block {block} must divide --sparse-stride {stride} (or be 0: the stride)")
         if str(cfg.sparse_pattern) == "fixed" and not 1 <= summary <= stride:
             raise UserError(f"--sparse-summary {summary} must be between 1 and --sparse-stride {stride}")
+        blocks = getattr(cfg, "sparse_summary_blocks", 1)  # absent from configs saved before the option
+        if blocks != 1:
+            if str(cfg.sparse_pattern) != "fixed" or blocks < 1:
+                raise UserError(
+                    f"--sparse-summary-blocks {blocks}: distinct summary blocks per head exist only in the fixed "
+                    "pattern and must be >= 1; use --sparse-pattern fixed, or --sparse-summary-blocks 1"
+                )
+            if blocks * summary > stride:
+                raise UserError(
+                    f"--sparse-summary-blocks {blocks} x --sparse-summary {summary} = {blocks * summary} summary "
+                    f"positions do not fit in a stride block of --sparse-stride {stride}: lower one of them"
+                )
+            heads = cfg.decoder_attention_heads
+            summary_heads = heads // 2 if str(cfg.sparse_heads) == "split" else heads
+            if blocks > summary_heads:
+                raise UserError(
+                    f"--sparse-summary-blocks {blocks} is more than the {summary_heads} heads that attend the "
+                    f"summaries (--decoder-attention-heads {heads}, --sparse-heads {cfg.sparse_heads}): some "
+                    "sub-blocks would be attended by no head; use at most that many"
+                )
         if str(cfg.sparse_heads) == "split" and cfg.decoder_attention_heads < 2:
             raise UserError("--sparse-heads split gives each factor its own heads: it needs at least 2 heads")
         if str(cfg.sparse_heads) == "interleave" and getattr(cfg, "share_layers", False):
@@ -159,16 +202,28 @@ class SparseAttention(Attention):
             return [FACTOR1 + self.layer_index % 2] * H
         return [UNION] * H
 
-    def _factor(self, device) -> Tensor:
-        factors = self.head_factors()
-        if len(set(factors)) == 1:
-            factors = factors[:1]  # one mask for all heads
-        return torch.tensor(factors, device=device).view(-1, 1, 1)  # H or 1 x 1 x 1
+    def head_summary_blocks(self) -> List[int]:
+        """The fixed pattern's summary sub-block of every head: the k-th head that attends A2 uses k mod v
+        (0 for heads that do not attend A2, where it is never used)."""
+        blocks, k = [], 0
+        for factor in self.head_factors():
+            blocks.append(k % self.summary_blocks if factor != FACTOR1 else 0)
+            k += factor != FACTOR1
+        return blocks
+
+    def _head_layout(self, device) -> Tuple[Tensor, Tensor]:
+        """Factor and summary sub-block per head, H' x 1 x 1 each (H' = 1 when every head is the same)."""
+        layout = list(zip(self.head_factors(), self.head_summary_blocks()))
+        if len(set(layout)) == 1:
+            layout = layout[:1]  # one mask for all heads
+        factor, sub_block = torch.tensor(layout, device=device).view(-1, 1, 1, 2).unbind(-1)
+        return factor, sub_block
 
     def mask(self, query_pos: Tensor, key_pos: Tensor) -> Tensor:
         """H (or 1) x T x S mask of the pattern for these absolute positions."""
-        factor = self._factor(query_pos.device)
-        return pattern_mask(self.pattern, self.stride, self.summary, factor, query_pos[:, None], key_pos[None, :])
+        factor, sub_block = self._head_layout(query_pos.device)
+        return pattern_mask(self.pattern, self.stride, self.summary, factor, query_pos[:, None], key_pos[None, :],
+                            sub_block)  # fmt: skip
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: Tensor, mem: Optional[HiddenMemory], keep: Optional[int], norm: Optional[nn.Module] = None):
@@ -201,9 +256,9 @@ class SparseAttention(Attention):
     def block_layout(self, r0: int, r1: int, device=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Absolute key positions and masks of the two key groups of the Nc = (r1 - r0) L queries of stride
         blocks r0 .. r1-1: ``local_pos`` Nc x W Bk (each query block's window), ``local_mask`` H' x Nc x W Bk,
-        ``far_pos`` Nc x F (strided: the query's column in rows < r1, F = r1; fixed: the summary keys of
-        blocks < r1, F = r1 c) and ``far_mask`` H' x Nc x F. Every allowed pair is in exactly one group
-        (tested); keys at or after the end of block r1 - 1 are in neither (causality)."""
+        ``far_pos`` (strided: Nc x F, the query's column in rows < r1, F = r1; fixed: H' x 1 x F, each
+        head's summary keys of blocks < r1, F = r1 c) and ``far_mask`` H' x Nc x F. Every allowed pair is
+        in exactly one group (tested); keys at or after the end of block r1 - 1 are in neither (causality)."""
         L, Bk, W = self.stride, self.block, self.window_blocks
         i = torch.arange(r0 * L, r1 * L, device=device)  # Nc query positions
         window_start = (i // Bk - (W - 1)) * Bk  # first key of each query's block window
@@ -213,14 +268,16 @@ class SparseAttention(Attention):
             in_window = local_pos > i[:, None] - L
             far_side = far_pos <= i[:, None] - L
         else:
-            summary = torch.arange(r1, device=device)[:, None] * L + torch.arange(L - self.summary, L, device=device)
-            far_pos = summary.reshape(1, -1).expand(i.size(0), -1)  # Nc x r1 c: the summary keys
+            _, sub_block = self._head_layout(device)  # H' x 1 x 1
+            first = L - (sub_block + 1) * self.summary  # H' x 1 x 1: each head's first summary offset
+            summary = torch.arange(r1, device=device)[:, None] * L + torch.arange(self.summary, device=device)
+            far_pos = first + summary.reshape(1, 1, -1)  # H' x 1 x r1 c: each head's summary keys
             block_start = (i // L * L)[:, None]
             in_window = local_pos >= block_start
-            far_side = far_pos < block_start
-        factor = self._factor(device)
-        local_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], local_pos) & in_window
-        far_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], far_pos) & far_side
+            far_side = far_pos < block_start  # H' x Nc x r1 c
+        factor, sub_block = self._head_layout(device)
+        local_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], local_pos, sub_block) & in_window
+        far_mask = pattern_mask(self.pattern, L, self.summary, factor, i[:, None], far_pos, sub_block) & far_side
         return local_pos, local_mask, far_pos, far_mask
 
     @property
@@ -253,7 +310,7 @@ class SparseAttention(Attention):
         B, H, Nc, Dh = q.shape
         L, Bk, W = self.stride, self.block, self.window_blocks
         b0, nb = r0 * L // Bk, Nc // Bk
-        _, local_mask, _, far_mask = self.block_layout(r0, r1, q.device)  # H' x Nc x (W Bk | F)
+        _, local_mask, far_pos, far_mask = self.block_layout(r0, r1, q.device)  # H' x Nc x (W Bk | F)
         q = q * self.scale
 
         # local group: query block b0 + b against key block b0 + b - d for d = W-1 .. 0 blocks back, one matmul
@@ -273,9 +330,9 @@ class SparseAttention(Attention):
             qc = q.view(B, H, r1 - r0, L, Dh).transpose(2, 3)  # B x H x L x rows x Dh
             kc, vc = (t[:, :, : r1 * L].view(B, H, r1, L, Dh).transpose(2, 3) for t in (k, v))  # B x H x L x r1 x Dh
             far = (qc @ kc.transpose(-1, -2)).transpose(2, 3).reshape(B, H, Nc, r1)  # query r L + c, key (r', c)
-        else:  # the summary keys: the last c of every stride block before the chunk's end
-            ks, vs = (t[:, :, : r1 * L].view(B, H, r1, L, Dh)[:, :, :, L - self.summary :] for t in (k, v))
-            ks, vs = ks.reshape(B, H, -1, Dh), vs.reshape(B, H, -1, Dh)  # B x H x r1 c x Dh
+        else:  # the summary keys: each head's c of every stride block before the chunk's end
+            index = far_pos.view(1, -1, far_pos.size(-1), 1).expand(B, H, -1, Dh)  # B x H x r1 c x Dh
+            ks, vs = k.gather(2, index), v.gather(2, index)  # B x H x r1 c x Dh
             far = q @ ks.transpose(-1, -2)  # B x H x Nc x r1 c
 
         # one softmax over both groups

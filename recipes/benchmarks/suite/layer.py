@@ -23,6 +23,17 @@ VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "sparse": [
         ("fixed, L=sqrt N", {"sparse_pattern": "fixed", "sparse_stride": "sqrt N"}),
         ("strided, L=sqrt N", {"sparse_pattern": "strided", "sparse_stride": "sqrt N"}),
+        # distinct summary sub-blocks per head (Child et al. 2019, Sec. 4.3; openai's num_verts): the same keys
+        # per query as "fixed" (c = 8, the default) wherever 2 blocks of 8 fit in L (N > 128)
+        (
+            "fixed, 2 summary blocks, L=sqrt N",
+            {
+                "sparse_pattern": "fixed",
+                "sparse_stride": "sqrt N",
+                "sparse_summary_blocks": 2,
+                "sparse_summary": "8, <= sqrt N / 2",
+            },
+        ),
     ],  # the paper's L
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
 }
@@ -33,9 +44,16 @@ def sqrt_stride(n: int) -> int:
     return 2 ** math.ceil(math.log2(n) / 2)
 
 
+LENGTH_DEPENDENT = {  # option values that depend on the length N
+    "sqrt N": sqrt_stride,
+    "8, <= sqrt N / 2": lambda n: min(8, sqrt_stride(n) // 2),  # two summary blocks of c fit in the stride
+}
+
+
 def resolve(options: Dict, n: int) -> Dict:
-    """``options`` at length ``n``: the value ``"sqrt N"`` becomes ``sqrt_stride(n)``."""
-    return {k: sqrt_stride(n) if v == "sqrt N" else v for k, v in options.items()}
+    """``options`` at length ``n``: the values named in ``LENGTH_DEPENDENT`` are computed for ``n``."""
+    return {k: LENGTH_DEPENDENT[v](n) if isinstance(v, str) and v in LENGTH_DEPENDENT else v
+            for k, v in options.items()}  # fmt: skip
 
 
 def default_pos_emb(attention_cls) -> str:
