@@ -369,8 +369,9 @@ def _load_as_planned(cfg, trainer, suffix: str, passthrough_args: dict):
         path = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
     else:
         path = cfg.restore_file.replace(".pt", suffix + ".pt")
+    own = os.path.dirname(os.path.abspath(path)) == os.path.abspath(cfg.save_dir)  # a resume, not a start
     saved = resume.read_saved_state(path) if os.path.exists(path) else None
-    plan = resume.plan_resume(path, saved, trainer.cfg) if saved is not None else None
+    plan = resume.plan_resume(path, saved, trainer.cfg, explicit=not own) if saved is not None else None
     extra_state, epoch_itr = _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
     if plan is not None:
         resume.apply_plan(plan, trainer, epoch_itr)
