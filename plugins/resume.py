@@ -29,7 +29,7 @@ fairseq 0.12.3 restarts from ``checkpoint_last.pt`` whatever it holds and whatev
     before the token it had reached (< T' tokens per stream are trained on again). With another
     number of streams, the streams are cut anew, and no position in the new layout has all its
     previous tokens trained on: the epoch restarts at its beginning. A checkpoint saved at the end of
-    an epoch goes on with the next epoch. One warning line says which.
+    an epoch (fairseq saves it as the next epoch at position 0) needs no move. One warning line says which.
 """
 
 import atexit
@@ -115,7 +115,6 @@ class ResumePlan:
     reset_memory: bool = False
     position: dict = field(default_factory=dict)  # the saved iterator state, when the data layout changed
     saved_segment_len: int = 0
-    saved_streams: int = 0
     same_streams: bool = True
 
 
@@ -192,7 +191,7 @@ def plan_resume(path: str, saved: dict, cfg, explicit: bool = False) -> ResumePl
             plan.reset_memory = True  # it belongs to other streams, or ends at another offset
             position = saved["train_iterator"]
             if not cfg.checkpoint.reset_dataloader and position.get("iterations_in_epoch", 0) > 0 and old_s:
-                plan.position, plan.saved_segment_len, plan.saved_streams = position, old_t, old_s
+                plan.position, plan.saved_segment_len = position, old_t
                 plan.same_streams = old_s == new_s
     return plan
 
@@ -203,10 +202,9 @@ def _move_position(plan: ResumePlan, epoch_itr) -> Optional[str]:
     if not plan.position or not hasattr(dataset, "stream_len"):
         return None
     position, epoch = plan.position, plan.position["epoch"]
+    # mid-epoch (fairseq saves a complete epoch as the next one at 0): reached < the saved streams' length,
+    # so floor(reached / T') < the number of segments of T' (the position exists in the new layout)
     reached = position["iterations_in_epoch"] * plan.saved_segment_len  # tokens per saved stream
-    if reached >= -(-len(dataset.tokens) // plan.saved_streams):  # the saved epoch was complete
-        epoch_itr.load_state_dict({**position, "iterations_in_epoch": len(dataset)})
-        return f"epoch {epoch} was complete: the next one starts"
     if not plan.same_streams:
         epoch_itr.load_state_dict({**position, "iterations_in_epoch": 0})
         return (
