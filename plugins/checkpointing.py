@@ -34,6 +34,13 @@ What :func:`install` changes (only inside ``fairseq.checkpoint_utils``; everythi
    ``--restore-file`` is corrupt, it stops with one ``error:`` line (also with a sharded/model-parallel
    checkpoint suffix, where no fallback is attempted). ``.tmp`` files left by an
    interrupted save are deleted. Costs one extra read of the checkpoint at start-up.
+   A *missing* ``checkpoint_last.pt`` next to an intact checkpoint (a kill during the first save, after
+   ``checkpoint_1_10.pt`` and before its copy) is resumed from the newest intact one too, with one line.
+5. A checkpoint with a NaN/inf parameter or validation loss counts as damaged ("non-finite", see
+   :func:`nonfinite_problem`): it is never written or copied as ``checkpoint_last.pt`` (one line says
+   so; the last finite one stays), and a restart never resumes from it.
+6. Around fairseq's load, ``plugins/resume.py`` compares the saved and requested settings (refuse,
+   or reset the memory / move the data position, in one line) and ends a restart of a finished run.
 
 The patch is checked against the installed fairseq when installed: if a patched function's signature
 changed, or ``save_checkpoint`` no longer copies with ``PathManager.copy``, :func:`install` raises
