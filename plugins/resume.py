@@ -163,7 +163,7 @@ def plan_resume(path: str, saved: dict, cfg, explicit: bool = False) -> ResumePl
         and (k not in LAYOUT_MODEL_FIELDS or (positions_learned and k == "max_target_positions"))
     )
     if differing:
-        fields = ", ".join(f"{_flag(k)} {old_model[k]!r} saved, {new_model[k]!r} asked" for k in differing)
+        fields = ", ".join(f"{_flag(k)}: {old_model[k]} saved, {new_model[k]} asked" for k in differing)
         what = (
             f"{path} holds another model ({old_model.get('_name')}) than the one asked for ({new_model.get('_name')})"
         )

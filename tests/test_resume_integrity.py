@@ -344,10 +344,16 @@ def test_another_model_is_refused_with_one_line(byte_corpus, tmp_path):
     proc = train(byte_corpus, save_dir, arch="linear_tiny", mem_len=None, max_update=2)
     assert proc.returncode == 0, out(proc)[-3000:]
     before = files(save_dir)
-    for arch in ("full_tiny", "xl_tiny"):  # same tensor shapes as linear_tiny / other shapes
+    for arch, attention in (("full_tiny", "full"), ("xl_tiny", "relative")):  # same tensor shapes / other shapes
         proc = train(byte_corpus, save_dir, arch=arch, mem_len=None, max_update=4)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode != 0 and len(errors) == 1 and "Traceback" not in proc.stderr, out(proc)[-3000:]
-        assert "--attention 'linear' saved" in errors[0] and "another --save-dir" in errors[0], errors
-        assert "Resume it with its settings (--attention linear" in errors[0], errors
+        assert f"--attention: linear saved, {attention} asked" in errors[0], errors
+        assert "Resume it with its settings (--attention linear" in errors[0] and "another --save-dir" in errors[0]
         assert files(save_dir) == before
+    # a start from these weights in a new directory (--restore-file) is the user's choice: one warning line
+    proc = train(byte_corpus, tmp_path / "converted", arch="full_tiny", mem_len=None, max_update=1,
+                 restore_file=save_dir / "checkpoint_last.pt", reset_optimizer=True, reset_dataloader=True)  # fmt: skip
+    assert proc.returncode == 0, out(proc)[-3000:]
+    warnings = [line for line in out(proc).splitlines() if "holds another model" in line]
+    assert len(warnings) == 1 and "loading its weights into the model asked for" in warnings[0], warnings
