@@ -34,6 +34,13 @@ What :func:`install` changes (only inside ``fairseq.checkpoint_utils``; everythi
    ``--restore-file`` is corrupt, it stops with one ``error:`` line (also with a sharded/model-parallel
    checkpoint suffix, where no fallback is attempted). ``.tmp`` files left by an
    interrupted save are deleted. Costs one extra read of the checkpoint at start-up.
+   A *missing* ``checkpoint_last.pt`` next to an intact checkpoint (a kill during the first save, after
+   ``checkpoint_1_10.pt`` and before its copy) is resumed from the newest intact one too, with one line.
+5. A checkpoint with a NaN/inf parameter or validation loss counts as damaged ("non-finite", see
+   :func:`nonfinite_problem`): it is never written or copied as ``checkpoint_last.pt`` (one line says
+   so; the last finite one stays), and a restart never resumes from it.
+6. Around fairseq's load, ``plugins/resume.py`` compares the saved and requested settings (refuse,
+   or reset the memory / move the data position, in one line) and ends a restart of a finished run.
 
 The patch is checked against the installed fairseq when installed: if a patched function's signature
 changed, or ``save_checkpoint`` no longer copies with ``PathManager.copy``, :func:`install` raises
@@ -395,8 +402,9 @@ def _load_as_planned(cfg, trainer, suffix: str, passthrough_args: dict):
         path = os.path.join(cfg.save_dir, f"checkpoint_last{suffix}.pt")
     else:
         path = cfg.restore_file.replace(".pt", suffix + ".pt")
+    own = os.path.dirname(os.path.abspath(path)) == os.path.abspath(cfg.save_dir)  # a resume, not a start
     saved = resume.read_saved_state(path) if os.path.exists(path) else None
-    plan = resume.plan_resume(path, saved, trainer.cfg) if saved is not None else None
+    plan = resume.plan_resume(path, saved, trainer.cfg, explicit=not own) if saved is not None else None
     extra_state, epoch_itr = _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
     if plan is not None:
         resume.apply_plan(plan, trainer, epoch_itr)

@@ -18,7 +18,9 @@ fairseq 0.12.3 restarts from ``checkpoint_last.pt`` whatever it holds and whatev
   * training-only settings (``--lr``, the optimizer's and scheduler's options, dropout, loss weights,
     ``--max-update``, logging, ...) go on: the state that is restored is exactly the saved one;
   * a different model (any other model field: attention, sizes, positions, ...) is refused with one
-    ``error:`` line naming the fields and the ways out; the preset's name alone is not compared;
+    ``error:`` line naming the fields and the ways out; the preset's name alone is not compared, nor a
+    field the checkpoint predates. An explicit ``--restore-file`` from elsewhere (a start from other
+    weights, e.g. converting a softmax model to linear attention) only warns;
   * the stream layout of ``segment_lm`` (``--tokens-per-sample``; ``--batch-size`` x workers = the number
     of streams) or the memory (``--mem-len``, ``--cmem-len``, ``--compression-rate``): the saved memory
     is reset (it belongs to other streams, or has another length), and the data position is kept in
@@ -26,7 +28,8 @@ fairseq 0.12.3 restarts from ``checkpoint_last.pt`` whatever it holds and whatev
     segment length T' the run continues at segment floor(k T / T') of each stream, i.e. at or just
     before the token it had reached (< T' tokens per stream are trained on again). With another
     number of streams, the streams are cut anew, and no position in the new layout has all its
-    previous tokens trained on: the epoch restarts at its beginning. One warning line says which.
+    previous tokens trained on: the epoch restarts at its beginning. A checkpoint saved at the end of
+    an epoch (fairseq saves it as the next epoch at position 0) needs no move. One warning line says which.
 """
 
 import atexit
@@ -107,14 +110,12 @@ def stop_if_finished(trainer, path: str) -> None:
 class ResumePlan:
     """What loading a checkpoint with the requested settings must do beyond fairseq's load."""
 
+    path: str
     changes: List[str] = field(default_factory=list)  # what differs from the checkpoint, in words
-    effects: List[str] = field(default_factory=list)  # what is done about it, beyond the memory reset
     reset_memory: bool = False
-    segment_len: Optional[int] = None  # new T: keep the data position in tokens
-    saved_segment_len: Optional[int] = None
-    restart_epoch: bool = False
-    saved_position: dict = field(default_factory=dict)
-    path: str = ""
+    position: dict = field(default_factory=dict)  # the saved iterator state, when the data layout changed
+    saved_segment_len: int = 0
+    same_streams: bool = True
 
 
 def read_saved_state(path: str) -> Optional[dict]:
@@ -143,8 +144,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def plan_resume(path: str, saved: dict, cfg) -> ResumePlan:
-    """Compare the configuration saved in ``path`` with the requested ``cfg`` (the trainer's full config)."""
+def plan_resume(path: str, saved: dict, cfg, explicit: bool = False) -> ResumePlan:
+    """Compare the configuration saved in ``path`` with the requested ``cfg`` (the trainer's full config).
+    ``explicit``: ``path`` is a ``--restore-file``, not this run's own checkpoint: another model is then
+    loaded with a warning (converting weights between mechanisms is a legitimate start), not refused."""
     from omegaconf import OmegaConf
 
     asked = OmegaConf.to_container(cfg, resolve=True)
@@ -152,76 +155,89 @@ def plan_resume(path: str, saved: dict, cfg) -> ResumePlan:
     positions_learned = new_model.get("pos_emb") == "learned"
     differing = sorted(
         k
-        for k in set(old_model) | set(new_model)
+        for k in set(old_model) & set(new_model)  # a field newer than the checkpoint keeps its old behaviour
         if k != "_name"
-        and old_model.get(k) != new_model.get(k)
+        and old_model[k] != new_model[k]
         and k not in TRAINING_ONLY_MODEL_FIELDS
         and k not in MEMORY_FIELDS
         and (k not in LAYOUT_MODEL_FIELDS or (positions_learned and k == "max_target_positions"))
     )
     if differing:
-        fields = ", ".join(f"{_flag(k)} {old_model.get(k)!r} saved, {new_model.get(k)!r} asked" for k in differing)
-        keep = " ".join(f"{_flag(k)} {old_model.get(k)}" for k in differing)
-        raise UserError(
-            f"{path} holds another model ({old_model.get('_name')}) than the one asked for "
-            f"({new_model.get('_name')}): {fields}. Resume it with its settings ({keep}), or train the new "
-            "model from scratch in another --save-dir"
+        fields = ", ".join(f"{_flag(k)}: {old_model[k]} saved, {new_model[k]} asked" for k in differing)
+        what = (
+            f"{path} holds another model ({old_model.get('_name')}) than the one asked for ({new_model.get('_name')})"
         )
+        if explicit:
+            logger.warning(f"{what}: {fields}; loading its weights into the model asked for (--restore-file)")
+        else:
+            keep = " ".join(f"{_flag(k)} {old_model[k]}" for k in differing)
+            raise UserError(
+                f"{what}: {fields}. Resume it with its settings ({keep}), or train the new model from scratch "
+                "in another --save-dir (or start it from these weights with --restore-file and a new --save-dir)"
+            )
 
-    plan = ResumePlan()
-    changes, effects = plan.changes, plan.effects
-    memory = [k for k in MEMORY_FIELDS if old_model.get(k) != new_model.get(k)]
-    changes += [f"{_flag(k)} {new_model.get(k)} (saved: {old_model.get(k)})" for k in memory]
+    plan = ResumePlan(path)
+    memory = [k for k in MEMORY_FIELDS if k in old_model and k in new_model and old_model[k] != new_model[k]]
+    plan.changes += [f"{_flag(k)} {new_model[k]} (saved: {old_model[k]})" for k in memory]
     plan.reset_memory = bool(memory)
     if asked["task"].get("_name") == "segment_lm" and saved["cfg"].get("task", {}).get("_name") == "segment_lm":
         old_t, new_t = saved["cfg"]["task"].get("tokens_per_sample"), asked["task"].get("tokens_per_sample")
         old_s, new_s = _streams(saved["cfg"]), _streams(asked)
-        position = saved["train_iterator"]
-        mid_epoch = not cfg.checkpoint.reset_dataloader and position.get("iterations_in_epoch", 0) > 0
         if old_s != new_s:
-            changes.append(f"{new_s} streams (--batch-size x workers; saved: {old_s})")
-            plan.reset_memory = True
-            if mid_epoch:
-                plan.restart_epoch, plan.saved_position = True, position
-                done = position["iterations_in_epoch"] * old_t
-                effects.append(
-                    f"epoch {position['epoch']} restarts at its beginning: the streams are cut anew, so its "
-                    f"first {done:,} tokens per saved stream are trained on again (none skipped)"
-                )
-        elif old_t != new_t:
-            changes.append(f"--tokens-per-sample {new_t} (saved: {old_t})")
-            plan.reset_memory = True
-            if mid_epoch:
-                plan.segment_len, plan.saved_segment_len, plan.saved_position = new_t, old_t, position
-                reached = position["iterations_in_epoch"] * old_t
-                kept = reached // new_t * new_t
-                effects.append(
-                    f"the data position is kept in tokens: stream offset {kept:,} (segment {reached // new_t} of "
-                    f"{new_t}) where the checkpoint reached {reached:,}, so {reached - kept} tokens per stream "
-                    "are trained on again and none skipped"
-                )
-    plan.path = path
+            plan.changes.append(f"{new_s} streams (--batch-size x workers; saved: {old_s})")
+        if old_t != new_t:
+            plan.changes.append(f"--tokens-per-sample {new_t} (saved: {old_t})")
+        if (old_s, old_t) != (new_s, new_t):
+            plan.reset_memory = True  # it belongs to other streams, or ends at another offset
+            position = saved["train_iterator"]
+            if not cfg.checkpoint.reset_dataloader and position.get("iterations_in_epoch", 0) > 0 and old_s:
+                plan.position, plan.saved_segment_len = position, old_t
+                plan.same_streams = old_s == new_s
     return plan
+
+
+def _move_position(plan: ResumePlan, epoch_itr) -> Optional[str]:
+    """Set the iterator of the new layout at the data position the checkpoint reached; say where."""
+    dataset = getattr(epoch_itr, "dataset", None)
+    if not plan.position or not hasattr(dataset, "stream_len"):
+        return None
+    position, epoch = plan.position, plan.position["epoch"]
+    # mid-epoch (fairseq saves a complete epoch as the next one at 0): reached < the saved streams' length,
+    # so floor(reached / T') < the number of segments of T' (the position exists in the new layout)
+    reached = position["iterations_in_epoch"] * plan.saved_segment_len  # tokens per saved stream
+    if not plan.same_streams:
+        epoch_itr.load_state_dict({**position, "iterations_in_epoch": 0})
+        return (
+            f"epoch {epoch} restarts at its beginning: the streams are cut anew, so no position of the new "
+            f"layout has all its earlier tokens trained on; the first {reached:,} tokens of every saved stream "
+            "are trained on again (none skipped)"
+        )
+    new_t = dataset.segment_len
+    epoch_itr.load_state_dict({**position, "iterations_in_epoch": reached // new_t})
+    kept = reached // new_t * new_t
+    return (
+        f"the data position is kept in tokens: stream offset {kept:,} (segment {reached // new_t} of {new_t}) "
+        f"where the checkpoint reached {reached:,}, so {reached - kept} tokens per stream are trained on "
+        "again and none skipped"
+    )
 
 
 def apply_plan(plan: ResumePlan, trainer, epoch_itr) -> None:
     """After fairseq's load: reset the memory and move the data position as planned, and say so."""
     if not plan.changes:
         return
-    had_memory = False
+    effects = []
     if plan.reset_memory:
+        had_memory = False
         for module in trainer.model.modules():
             memory = getattr(module, "stream_memory", None)
             if isinstance(memory, dict):
-                had_memory |= memory.get("train") is not None
-                memory.pop("train", None)
-    effects = (["the saved memory is reset (the next segment starts with none)"] if had_memory else []) + plan.effects
-    position = plan.saved_position
-    if plan.restart_epoch:
-        epoch_itr.load_state_dict({**position, "iterations_in_epoch": 0})
-    elif plan.segment_len:
-        reached = position["iterations_in_epoch"] * plan.saved_segment_len
-        epoch_itr.load_state_dict({**position, "iterations_in_epoch": reached // plan.segment_len})
+                had_memory |= memory.pop("train", None) is not None
+        if had_memory:
+            effects.append("the saved memory is reset (the next segment starts with none)")
+    moved = _move_position(plan, epoch_itr)
+    if moved:
+        effects.append(moved)
     logger.warning(
         f"resuming {plan.path} with {', '.join(plan.changes)}: {'; '.join(effects) or 'nothing else changes'}"
     )

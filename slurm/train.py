@@ -73,7 +73,8 @@ def main(argv=None) -> int:
         fairseq_train.cli_main()
     finally:
         fairseq_train.Trainer, sys.argv = original, saved_argv
-        signal.signal(signal.SIGUSR2, previous)
+        # a stop asked after training ended has nothing left to do: ignored, not the default (which kills)
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN if previous in (signal.SIG_DFL, None) else previous)
     if requested["stop"] and finished(seen):
         logger.info("training had reached its end when the stop was asked: finished (exit 0), nothing to resume")
         return 0
