@@ -8,7 +8,8 @@ memory with ``--mem-len``, ``lstm_stateful``'s (h, c)). The rules, in one place:
   ``segment_lm`` in ``net_input``) and holds the same number of streams: a new epoch or pass (offset 0),
   another stream layout or a skipped segment start afresh;
 - it is detached when kept (no gradient into the previous segment: truncated BPTT);
-- the training state is saved in checkpoints (``get_extra_state``), so a resumed run continues exactly;
+- the training state is saved in checkpoints (``get_extra_state``), every rank's in a run of several
+  processes, so a resumed run continues exactly;
   the task resets the evaluation state at validation start (``reset_memory("eval")``).
 
 A state is a ``TensorState`` with an integer ``position`` (the stream position of its next token).
@@ -29,6 +30,16 @@ def data_parallel_position():
     if not torch.distributed.is_initialized():
         return [0, 1]
     return [torch.distributed.get_rank(), torch.distributed.get_world_size()]
+
+
+def _compact(value):
+    if isinstance(value, Tensor):
+        return value.clone(memory_format=torch.contiguous_format)
+    if isinstance(value, dict):
+        return {k: _compact(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_compact(v) for v in value]
+    return value
 
 
 class StreamStateMixin:
@@ -68,11 +79,22 @@ class StreamStateMixin:
         else:
             self.stream_memory.pop(mode, None)
 
-    def get_extra_state(self) -> dict:
-        """Saved in checkpoints: the training state, so a resumed run continues exactly. Each process
-        holds its own streams; only the saving process's state is kept (tagged with its rank)."""
+    def train_state_dict(self) -> Optional[dict]:
+        """The training state as plain data, every tensor compact: a kept memory is often a slice of a
+        longer tensor (the last M positions), which ``torch.save`` would store whole and which fairseq's
+        ``broadcast_tensors`` would send as raw memory from the slice's start, ignoring its strides."""
         state = self.stream_memory.get("train")
-        return {"train_memory": None if state is None else state.to_dict(), "rank": data_parallel_position()}
+        return None if state is None else _compact(state.to_dict())
+
+    def get_extra_state(self) -> dict:
+        """Saved in checkpoints: the training state, so a resumed run continues exactly. Each process holds
+        its own streams: ``train_memory`` is the saving process's state (tagged with its ``[rank, world
+        size]``); in a run of several processes ``ranks`` holds every rank's, gathered on the saving rank
+        before the save (``plugins/rank_states.py``)."""
+        extra = {"train_memory": self.train_state_dict(), "rank": data_parallel_position()}
+        if getattr(self, "rank_train_states", None) is not None:
+            extra["ranks"] = self.rank_train_states
+        return extra
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints saved before the state was part of the state dict load with no state."""
@@ -80,9 +102,25 @@ class StreamStateMixin:
         return super().upgrade_state_dict_named(state_dict, name)
 
     def set_extra_state(self, extra: dict) -> None:
+        """Take this process's own training state back: ``ranks[rank]`` when the checkpoint was saved by
+        as many processes as run now, ``train_memory`` when it was saved by this same rank alone; else start
+        afresh and say so (the streams of another number of processes are other streams)."""
         self.stream_memory.clear()
-        if extra and extra.get("train_memory") is not None:
-            if extra.get("rank") == data_parallel_position():
-                self.stream_memory["train"] = self.stream_state_type.from_dict(extra["train_memory"])
-            else:
-                logger.warning("checkpoint memory belongs to another worker: this worker's streams start afresh")
+        if not extra:
+            return
+        rank, world = data_parallel_position()
+        saved_rank, saved_world = extra.get("rank") or [0, 1]
+        ranks = extra.get("ranks")
+        if ranks is not None and len(ranks) == world:
+            state = ranks[rank]
+        elif saved_world == world and saved_rank == rank:
+            state = extra.get("train_memory")
+        else:
+            if extra.get("train_memory") is not None or any(r is not None for r in ranks or []):
+                logger.warning(
+                    f"the checkpoint's stream memory was saved by {saved_world} process(es), this run has {world}: "
+                    "the streams are cut anew, so every stream starts with no memory (reset)"
+                )
+            return
+        if state is not None:
+            self.stream_memory["train"] = self.stream_state_type.from_dict(state)
