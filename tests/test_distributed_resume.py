@@ -96,6 +96,45 @@ def test_a_stopped_two_process_run_resumes_bitwise_equal(data_bin, tmp_path):
     assert not torch.equal(ranks_a[0]["layers"][0]["hidden"], ranks_a[1]["layers"][0]["hidden"])  # own streams
 
 
+BROADCAST = """
+import argparse, sys, torch
+from fairseq import utils
+from fairseq.distributed import utils as distributed_utils
+from omegaconf import OmegaConf
+utils.import_user_module(argparse.Namespace(user_dir=sys.argv[3]))
+rank = int(sys.argv[1])
+torch.distributed.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+longer = torch.arange(4 * 6 * 3, dtype=torch.float32).view(4, 6, 3)
+state = {"cfg": OmegaConf.create({"model": {"mem_len": 4}}), "memory": longer[:, -4:], "step": 7} if rank == 0 else None
+got = distributed_utils.broadcast_object(state, src_rank=0, group=torch.distributed.group.WORLD)
+assert torch.equal(got["memory"], longer[:, -4:]), got["memory"][0]
+assert got["step"] == 7 and got["cfg"]["model"]["mem_len"] == 4
+print("rank", rank, "ok")
+"""
+
+
+def test_a_checkpoint_like_object_reaches_the_other_rank_intact(tmp_path):
+    """fairseq's ``broadcast_object`` between 2 gloo processes: a config (refused by torch's safe unpickle)
+    and a sliced tensor (sent as the wrong elements) arrive as rank 0 has them."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST)
+    port = 20000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), f"tcp://127.0.0.1:{port}", str(ROOT / "plugins")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0 and f"rank {rank} ok" in output, output[-3000:]
+
+
 def test_the_broadcast_carries_plain_data_and_refuses_objects(tmp_path):
     """What rank 0 sends: configs as plain dicts (as in the checkpoint file), fairseq's tensor placeholders;
     a payload that would create anything else is refused without running it."""
