@@ -95,6 +95,18 @@ def test_a_stopped_two_process_run_resumes_bitwise_equal(data_bin, tmp_path):
                 assert same(layer_a[key], layer_b[key]), key
     assert not torch.equal(ranks_a[0]["layers"][0]["hidden"], ranks_a[1]["layers"][0]["hidden"])  # own streams
 
+    # the same save dir resumed by one process: its streams are other streams; one line says so, and it trains on
+    single = subprocess.run(
+        [str(BIN / "fairseq-train"), str(data_bin), *TRAIN, *args, "--cpu", "--max-update", "9",
+         "--save-dir", str(tmp_path / "resumed")],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    output = single.stdout + single.stderr
+    assert single.returncode == 0 and "(epoch 1 @ 8 updates)" in output, output[-3000:]
+    warnings = [line for line in output.splitlines() if "stream memory was saved by 2 process(es)" in line]
+    assert len(warnings) == 1 and "this run has 1" in warnings[0] and "no memory (reset)" in warnings[0], warnings
+    assert sorted(train_losses(output)) == [9]
+
 
 BROADCAST = """
 import argparse, sys, torch

@@ -32,16 +32,6 @@ def data_parallel_position():
     return [torch.distributed.get_rank(), torch.distributed.get_world_size()]
 
 
-def _compact(value):
-    if isinstance(value, Tensor):
-        return value.clone(memory_format=torch.contiguous_format)
-    if isinstance(value, dict):
-        return {k: _compact(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    return value
-
-
 class StreamStateMixin:
     """Mix into a ``FairseqIncrementalDecoder`` (before it in the bases); call ``init_stream_state`` in
     ``__init__`` and use ``previous_stream_state`` / ``keep_stream_state`` around the forward pass."""
@@ -70,7 +60,11 @@ class StreamStateMixin:
         return state
 
     def keep_stream_state(self, state: TensorState) -> None:
-        self.stream_memory[self.stream_mode] = state.detach()  # no gradient into the previous segment
+        # no gradient into the previous segment (detach); compact tensors (contiguous), so that the state
+        # computed on is the same, in value and in memory layout, as the one a checkpoint restores or
+        # fairseq's broadcast delivers (a slice of a longer tensor would be saved whole, sent as raw
+        # memory, and computed on with other kernels than its restored contiguous copy: 1e-16 apart)
+        self.stream_memory[self.stream_mode] = state.detach().contiguous()
 
     def reset_memory(self, mode: Optional[str] = None) -> None:
         """Forget the stream state of ``mode`` ("train" / "eval"), or of both."""
@@ -80,11 +74,9 @@ class StreamStateMixin:
             self.stream_memory.pop(mode, None)
 
     def train_state_dict(self) -> Optional[dict]:
-        """The training state as plain data, every tensor compact: a kept memory is often a slice of a
-        longer tensor (the last M positions), which ``torch.save`` would store whole and which fairseq's
-        ``broadcast_tensors`` would send as raw memory from the slice's start, ignoring its strides."""
+        """The training state as plain data (tensors and numbers), or ``None``."""
         state = self.stream_memory.get("train")
-        return None if state is None else _compact(state.to_dict())
+        return None if state is None else state.to_dict()
 
     def get_extra_state(self) -> dict:
         """Saved in checkpoints: the training state, so a resumed run continues exactly. Each process holds
@@ -116,10 +108,17 @@ class StreamStateMixin:
         elif saved_world == world and saved_rank == rank:
             state = extra.get("train_memory")
         else:
-            if extra.get("train_memory") is not None or any(r is not None for r in ranks or []):
+            if saved_world != world and (
+                extra.get("train_memory") is not None or any(r is not None for r in ranks or [])
+            ):
                 logger.warning(
                     f"the checkpoint's stream memory was saved by {saved_world} process(es), this run has {world}: "
                     "the streams are cut anew, so every stream starts with no memory (reset)"
+                )
+            elif saved_world == world and extra.get("train_memory") is not None:
+                logger.warning(
+                    f"the checkpoint holds the stream memory of rank {saved_rank} only (saved before every rank's "
+                    f"was kept): the streams of rank {rank} start with no memory"
                 )
             return
         if state is not None:
