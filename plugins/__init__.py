@@ -4,7 +4,7 @@ fairseq auto-imports only ``models/`` and ``tasks/`` of a user dir; everything e
 explicitly, before them (the model's options are built from the attention registry).
 """
 
-from . import checkpointing, distributed, resume
+from . import checkpointing, distributed, rank_states, resume
 from .compat import patch_numpy
 from .errors import install_excepthook
 
@@ -13,5 +13,6 @@ install_excepthook()
 checkpointing.install()  # atomic checkpoint copies, resume from the newest intact checkpoint
 distributed.install()  # rank 0 sends a loaded checkpoint to the other ranks as plain data, unpickled safely
 resume.install()  # one training per --save-dir (a lock held for the process's life)
+rank_states.install()  # every rank's stream memory in the checkpoint, each rank's back on resume
 
 from . import attention, criterions, memory, models, modules, optim, tasks  # noqa: E402,F401

@@ -10,7 +10,7 @@ and refuses both the ``DictConfig`` and fairseq's own placeholder class: every r
 one process dies (``Unsupported global: GLOBAL omegaconf.dictconfig.DictConfig`` on rank 1, ``Connection
 closed by peer`` on rank 0), on CPU/gloo and on GPUs/NCCL alike.
 
-What :func:`install` changes (only ``fairseq.distributed.utils._broadcast_object_slow``):
+What :func:`install` changes in ``fairseq.distributed.utils._broadcast_object_slow``:
 
 - the sender turns every OmegaConf container into plain dicts/lists first
   (``OmegaConf.to_container(resolve=False)``): exactly what the checkpoint file itself holds, since fairseq
@@ -19,6 +19,11 @@ What :func:`install` changes (only ``fairseq.distributed.utils._broadcast_object
   ``_TensorPlaceholder``, a frozen dataclass holding one ``int`` (unpickling it sets that attribute and runs
   no code). Anything else (e.g. a legacy checkpoint's ``argparse.Namespace``) is refused as
   ``fairseq-eval-lm`` refuses it, with one line naming the object.
+
+It also wraps ``broadcast_tensors`` (which sends the tensors themselves): the sender's tensors are made
+contiguous first. fairseq sends each one with ``dist.broadcast`` and the receivers view the bytes with the
+tensor's size; a non-contiguous tensor (a slice of a longer one, e.g. a loaded stream memory) reached the
+other ranks as the wrong elements, silently (seen with gloo).
 
 Safe loading is not weakened: no ``weights_only=False``, no ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``.
 The patch checks the installed fairseq when installed and raises if the patched function or its caller
@@ -39,6 +44,7 @@ from .errors import UserError
 
 # Parameter names of the fairseq function this module replaces (fairseq-fixed 0.12.3.1).
 PATCHED_SIGNATURE = ["obj", "src_rank", "group", "dist_device"]
+PATCHED_SIGNATURE_TENSORS = ["tensors", "src_rank", "group", "dist_device"]
 _ORIGINAL = {}
 
 
@@ -85,6 +91,13 @@ def _broadcast_object_slow(obj, src_rank, group, dist_device):
     return safe_loads(io.BytesIO(buffer.cpu().numpy()))
 
 
+def broadcast_tensors(tensors, src_rank, group, dist_device=None):
+    """fairseq's ``broadcast_tensors`` with the sender's tensors made contiguous (see the module docstring)."""
+    if tensors is not None:
+        tensors = [t.contiguous() for t in tensors]
+    return _ORIGINAL["broadcast_tensors"](tensors, src_rank, group, dist_device)
+
+
 def _check_fairseq() -> None:
     target = _ORIGINAL.get("_broadcast_object_slow") or getattr(distributed_utils, "_broadcast_object_slow", None)
     found = None if target is None else list(inspect.signature(target).parameters)
@@ -95,10 +108,14 @@ def _check_fairseq() -> None:
         source = inspect.getsource(target)
         if "torch.save(obj, buffer)" not in source or "torch.load(buffer" not in source:
             problems.append("_broadcast_object_slow no longer pickles with torch.save/torch.load")
+    target = _ORIGINAL.get("broadcast_tensors") or getattr(distributed_utils, "broadcast_tensors", None)
+    found = None if target is None else list(inspect.signature(target).parameters)
+    if found != PATCHED_SIGNATURE_TENSORS:
+        problems.append(f"broadcast_tensors{tuple(PATCHED_SIGNATURE_TENSORS)} is {found}")
     if not hasattr(distributed_utils, "_TensorPlaceholder"):
         problems.append("_TensorPlaceholder is gone")
-    elif "_broadcast_object_slow(" not in inspect.getsource(distributed_utils.broadcast_object):
-        problems.append("broadcast_object no longer calls _broadcast_object_slow")
+    elif not {"_broadcast_object_slow(", "broadcast_tensors("} <= _calls(distributed_utils.broadcast_object):
+        problems.append("broadcast_object no longer calls _broadcast_object_slow and broadcast_tensors")
     if problems:
         raise RuntimeError(
             f"plugins/distributed.py patches fairseq.distributed.utils of fairseq 0.12.3, but in the installed "
@@ -106,10 +123,17 @@ def _check_fairseq() -> None:
         )
 
 
+def _calls(function) -> set:
+    source = inspect.getsource(function)
+    return {name for name in ("_broadcast_object_slow(", "broadcast_tensors(") if name in source}
+
+
 def install() -> None:
-    """Patch ``fairseq.distributed.utils._broadcast_object_slow`` (idempotent; see the module docstring)."""
+    """Patch ``fairseq.distributed.utils`` (idempotent; see the module docstring)."""
     if _ORIGINAL:
         return
     _check_fairseq()
     _ORIGINAL["_broadcast_object_slow"] = distributed_utils._broadcast_object_slow
+    _ORIGINAL["broadcast_tensors"] = distributed_utils.broadcast_tensors
     distributed_utils._broadcast_object_slow = _broadcast_object_slow
+    distributed_utils.broadcast_tensors = broadcast_tensors

@@ -63,11 +63,88 @@ def train_losses(output: str) -> dict:
     return {int(n): loss for loss, n in re.findall(r"\| train_inner \|.* loss=([\d.]+),.* num_updates=(\d+),", output)}
 
 
-def test_a_two_process_run_resumes(data_bin, tmp_path):
-    train_2_ranks(data_bin, tmp_path, "--arch", "xl_tiny", "--max-update", "4")
-    resumed = train_2_ranks(data_bin, tmp_path, "--arch", "xl_tiny", "--max-update", "7")
-    assert "Loaded checkpoint" in resumed and "(epoch 1 @ 4 updates)" in resumed, resumed[-3000:]
-    assert sorted(train_losses(resumed)) == [5, 6, 7]
+def final_state(save_dir: Path) -> dict:
+    return torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=True)
+
+
+def test_a_stopped_two_process_run_resumes_bitwise_equal(data_bin, tmp_path):
+    """2 processes x 4 streams, Transformer-XL memory, dropout: updates 1-8 in one run, or 1-4, stop, resume
+    to 8. The resumed run must load on both ranks (rank 1 unpickles what rank 0 sent), restore each rank's
+    own memory, and end with the same parameters, memories and per-update losses, to the last bit."""
+    args = ["--arch", "xl_tiny", "--dropout", "0.1", "--save-interval-updates", "4"]
+    whole = train_losses(train_2_ranks(data_bin, tmp_path / "whole", *args, "--max-update", "8"))
+    first = train_losses(train_2_ranks(data_bin, tmp_path / "resumed", *args, "--max-update", "4"))
+    resumed_output = train_2_ranks(data_bin, tmp_path / "resumed", *args, "--max-update", "8")
+    assert "Loaded checkpoint" in resumed_output and "(epoch 1 @ 4 updates)" in resumed_output, resumed_output[-3000:]
+    assert "start with no memory" not in resumed_output
+    resumed = {**first, **train_losses(resumed_output)}
+    assert sorted(whole) == list(range(1, 9)) and resumed == whole  # the logged losses, as printed
+
+    a, b = final_state(tmp_path / "whole"), final_state(tmp_path / "resumed")
+    memory = "decoder._extra_state"
+    for name, value in a["model"].items():
+        if name != memory:
+            assert torch.equal(value, b["model"][name]), name
+    ranks_a, ranks_b = a["model"][memory]["ranks"], b["model"][memory]["ranks"]
+    assert len(ranks_a) == 2 and ranks_a[0]["position"] == ranks_a[1]["position"] == 8 * 32
+    for rank_a, rank_b in zip(ranks_a, ranks_b):  # every rank's memory, bitwise
+        for layer_a, layer_b in zip(rank_a["layers"], rank_b["layers"]):
+            assert layer_a.keys() == layer_b.keys()
+            for key in layer_a:
+                same = torch.equal if torch.is_tensor(layer_a[key]) else (lambda x, y: x == y)
+                assert same(layer_a[key], layer_b[key]), key
+    assert not torch.equal(ranks_a[0]["layers"][0]["hidden"], ranks_a[1]["layers"][0]["hidden"])  # own streams
+
+    # the same save dir resumed by one process: its streams are other streams; one line says so, and it trains on
+    single = subprocess.run(
+        [str(BIN / "fairseq-train"), str(data_bin), *TRAIN, *args, "--cpu", "--max-update", "9",
+         "--save-dir", str(tmp_path / "resumed")],
+        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
+    )  # fmt: skip
+    output = single.stdout + single.stderr
+    assert single.returncode == 0 and "(epoch 1 @ 8 updates)" in output, output[-3000:]
+    warnings = [line for line in output.splitlines() if "stream memory was saved by 2 process(es)" in line]
+    assert len(warnings) == 1 and "this run has 1" in warnings[0] and "no memory (reset)" in warnings[0], warnings
+    assert sorted(train_losses(output)) == [9]
+
+
+BROADCAST = """
+import argparse, sys, torch
+from fairseq import utils
+from fairseq.distributed import utils as distributed_utils
+from omegaconf import OmegaConf
+utils.import_user_module(argparse.Namespace(user_dir=sys.argv[3]))
+rank = int(sys.argv[1])
+torch.distributed.init_process_group("gloo", init_method=sys.argv[2], rank=rank, world_size=2)
+longer = torch.arange(4 * 6 * 3, dtype=torch.float32).view(4, 6, 3)
+state = {"cfg": OmegaConf.create({"model": {"mem_len": 4}}), "memory": longer[:, -4:], "step": 7} if rank == 0 else None
+got = distributed_utils.broadcast_object(state, src_rank=0, group=torch.distributed.group.WORLD)
+assert torch.equal(got["memory"], longer[:, -4:]), got["memory"][0]
+assert got["step"] == 7 and got["cfg"]["model"]["mem_len"] == 4
+print("rank", rank, "ok")
+"""
+
+
+def test_a_checkpoint_like_object_reaches_the_other_rank_intact(tmp_path):
+    """fairseq's ``broadcast_object`` between 2 gloo processes: a config (refused by torch's safe unpickle)
+    and a sliced tensor (sent as the wrong elements) arrive as rank 0 has them."""
+    script = tmp_path / "broadcast.py"
+    script.write_text(BROADCAST)
+    port = 20000 + os.getpid() % 20000
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(rank), f"tcp://127.0.0.1:{port}", str(ROOT / "plugins")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=ENV,
+            cwd=ROOT,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, (proc, output) in enumerate(zip(procs, outputs)):
+        assert proc.returncode == 0 and f"rank {rank} ok" in output, output[-3000:]
 
 
 def test_the_broadcast_carries_plain_data_and_refuses_objects(tmp_path):

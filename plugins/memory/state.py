@@ -52,6 +52,9 @@ class TensorState:
     def to(self, device):
         return self._map(lambda t: t.to(device))
 
+    def contiguous(self):
+        return self._map(lambda t: t.contiguous())
+
     @property
     def device(self) -> Optional[torch.device]:
         for f in dataclasses.fields(self):
@@ -133,6 +136,9 @@ class DecoderState(TensorState):
 
     def to(self, device):
         return DecoderState([None if s is None else s.to(device) for s in self.layers], self.position)
+
+    def contiguous(self):
+        return DecoderState([None if s is None else s.contiguous() for s in self.layers], self.position)
 
     @property
     def device(self) -> Optional[torch.device]:

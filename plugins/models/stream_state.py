@@ -8,7 +8,8 @@ memory with ``--mem-len``, ``lstm_stateful``'s (h, c)). The rules, in one place:
   ``segment_lm`` in ``net_input``) and holds the same number of streams: a new epoch or pass (offset 0),
   another stream layout or a skipped segment start afresh;
 - it is detached when kept (no gradient into the previous segment: truncated BPTT);
-- the training state is saved in checkpoints (``get_extra_state``), so a resumed run continues exactly;
+- the training state is saved in checkpoints (``get_extra_state``), every rank's in a run of several
+  processes, so a resumed run continues exactly;
   the task resets the evaluation state at validation start (``reset_memory("eval")``).
 
 A state is a ``TensorState`` with an integer ``position`` (the stream position of its next token).
@@ -59,7 +60,11 @@ class StreamStateMixin:
         return state
 
     def keep_stream_state(self, state: TensorState) -> None:
-        self.stream_memory[self.stream_mode] = state.detach()  # no gradient into the previous segment
+        # no gradient into the previous segment (detach); compact tensors (contiguous), so that the state
+        # computed on is the same, in value and in memory layout, as the one a checkpoint restores or
+        # fairseq's broadcast delivers (a slice of a longer tensor would be saved whole, sent as raw
+        # memory, and computed on with other kernels than its restored contiguous copy: 1e-16 apart)
+        self.stream_memory[self.stream_mode] = state.detach().contiguous()
 
     def reset_memory(self, mode: Optional[str] = None) -> None:
         """Forget the stream state of ``mode`` ("train" / "eval"), or of both."""
@@ -68,11 +73,20 @@ class StreamStateMixin:
         else:
             self.stream_memory.pop(mode, None)
 
-    def get_extra_state(self) -> dict:
-        """Saved in checkpoints: the training state, so a resumed run continues exactly. Each process
-        holds its own streams; only the saving process's state is kept (tagged with its rank)."""
+    def train_state_dict(self) -> Optional[dict]:
+        """The training state as plain data (tensors and numbers), or ``None``."""
         state = self.stream_memory.get("train")
-        return {"train_memory": None if state is None else state.to_dict(), "rank": data_parallel_position()}
+        return None if state is None else state.to_dict()
+
+    def get_extra_state(self) -> dict:
+        """Saved in checkpoints: the training state, so a resumed run continues exactly. Each process holds
+        its own streams: ``train_memory`` is the saving process's state (tagged with its ``[rank, world
+        size]``); in a run of several processes ``ranks`` holds every rank's, gathered on the saving rank
+        before the save (``plugins/rank_states.py``)."""
+        extra = {"train_memory": self.train_state_dict(), "rank": data_parallel_position()}
+        if getattr(self, "rank_train_states", None) is not None:
+            extra["ranks"] = self.rank_train_states
+        return extra
 
     def upgrade_state_dict_named(self, state_dict, name):
         """Checkpoints saved before the state was part of the state dict load with no state."""
@@ -80,9 +94,32 @@ class StreamStateMixin:
         return super().upgrade_state_dict_named(state_dict, name)
 
     def set_extra_state(self, extra: dict) -> None:
+        """Take this process's own training state back: ``ranks[rank]`` when the checkpoint was saved by
+        as many processes as run now, ``train_memory`` when it was saved by this same rank alone; else start
+        afresh and say so (the streams of another number of processes are other streams)."""
         self.stream_memory.clear()
-        if extra and extra.get("train_memory") is not None:
-            if extra.get("rank") == data_parallel_position():
-                self.stream_memory["train"] = self.stream_state_type.from_dict(extra["train_memory"])
-            else:
-                logger.warning("checkpoint memory belongs to another worker: this worker's streams start afresh")
+        if not extra:
+            return
+        rank, world = data_parallel_position()
+        saved_rank, saved_world = extra.get("rank") or [0, 1]
+        ranks = extra.get("ranks")
+        if ranks is not None and len(ranks) == world:
+            state = ranks[rank]
+        elif saved_world == world and saved_rank == rank:
+            state = extra.get("train_memory")
+        else:
+            if saved_world != world and (
+                extra.get("train_memory") is not None or any(r is not None for r in ranks or [])
+            ):
+                logger.warning(
+                    f"the checkpoint's stream memory was saved by {saved_world} process(es), this run has {world}: "
+                    "the streams are cut anew, so every stream starts with no memory (reset)"
+                )
+            elif saved_world == world and extra.get("train_memory") is not None:
+                logger.warning(
+                    f"the checkpoint holds the stream memory of rank {saved_rank} only (saved before every rank's "
+                    f"was kept): the streams of rank {rank} start with no memory"
+                )
+            return
+        if state is not None:
+            self.stream_memory["train"] = self.stream_state_type.from_dict(state)
