@@ -5,11 +5,15 @@ explicitly, before them (the model's options are built from the attention regist
 """
 
 from . import checkpointing
-from .compat import patch_numpy
+from .compat import patch_numpy, silence_hydra_deprecations
 from .errors import install_excepthook
 
 patch_numpy()
+silence_hydra_deprecations()
 install_excepthook()
 checkpointing.install()  # atomic checkpoint copies, resume from the newest intact checkpoint
 
 from . import attention, criterions, memory, models, modules, optim, tasks  # noqa: E402,F401
+from .cli import check_command_line  # noqa: E402
+
+check_command_line()  # a mistyped --arch, a --model-overrides that is no dict: one error line, before fairseq
