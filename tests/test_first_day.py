@@ -179,3 +179,33 @@ def test_no_spurious_shared_parameter_line(ptb_chars, tmp_path):
         "decoder.layers.0.attn.u <- decoder.layers.1.attn.u",
         "decoder.layers.0.attn.v <- decoder.layers.1.attn.v",
     ], shared
+
+
+# ---- 10. compressed text inputs -------------------------------------------------------------------------------------
+def test_preprocess_text_and_sentencepiece_take_xz_and_gz_inputs(tmp_path):
+    """PTB's valid/test .xz files as they are in shared/data, and a .gz: the same binarized data as from the
+    decompressed files."""
+    import gzip
+
+    if not (SHARED / "ptb" / "ptb.valid.txt.xz").exists():
+        pytest.skip(f"{SHARED} (the shared PTB data) is not available")
+    train, valid = SHARED / "ptb" / "ptb.valid.txt.xz", SHARED / "ptb" / "ptb.test.txt.xz"
+    text = lzma.open(SHARED / "ptb" / "ptb.test.txt.xz", "rt").read(20_000)
+    plain = {"train": tmp_path / "train.txt", "valid": tmp_path / "valid.txt", "test": tmp_path / "test.txt"}
+    plain["train"].write_bytes(lzma.open(train).read())
+    plain["valid"].write_bytes(lzma.open(valid).read())
+    plain["test"].write_text(text[: text.rfind("\n") + 1])
+    test_gz = tmp_path / "test.txt.gz"
+    test_gz.write_bytes(gzip.compress(plain["test"].read_bytes()))
+    compressed = ["--train", train, "--valid", valid, "--test", test_gz]
+    uncompressed = ["--train", plain["train"], "--valid", plain["valid"], "--test", plain["test"]]
+    char = ["--level", "char", "--binarizer", "fast"]
+    run("-m preprocess.text", *compressed, *char, "--out", tmp_path / "chars_xz")
+    run("-m preprocess.text", *uncompressed, *char, "--out", tmp_path / "chars")
+    for name in ("dict.txt", "train.bin", "valid.bin", "test.bin"):
+        assert (tmp_path / "chars_xz" / name).read_bytes() == (tmp_path / "chars" / name).read_bytes(), name
+    spm = ["--vocab-size", "300", "--workers", "1"]
+    run("-m preprocess.sentencepiece", *compressed, *spm, "--out", tmp_path / "spm_xz")
+    run("-m preprocess.sentencepiece", *uncompressed, *spm, "--out", tmp_path / "spm")
+    for name in ("dict.txt", "train.bin", "valid.bin", "test.bin"):
+        assert (tmp_path / "spm_xz" / name).read_bytes() == (tmp_path / "spm" / name).read_bytes(), name
