@@ -3,6 +3,7 @@ on real PTB characters. Each either does the right thing or stops with one ``err
 """
 
 import lzma
+import math
 import os
 import re
 import subprocess
@@ -209,3 +210,44 @@ def test_preprocess_text_and_sentencepiece_take_xz_and_gz_inputs(tmp_path):
     run("-m preprocess.sentencepiece", *uncompressed, *spm, "--out", tmp_path / "spm")
     for name in ("dict.txt", "train.bin", "valid.bin", "test.bin"):
         assert (tmp_path / "spm_xz" / name).read_bytes() == (tmp_path / "spm" / name).read_bytes(), name
+
+
+# ---- 6. the Python hub, from a fresh interpreter ---------------------------------------------------------------------
+HUB = """
+import json, sys
+sys.path.insert(0, {root!r})
+from plugins.models.efficient_lm import EfficientLM
+
+lm = EfficientLM.from_pretrained({ckpt_dir!r}, "checkpoint_last.pt", {data!r}, user_dir={plugins!r})
+sample = lm.sample("_ t h e", beam=1, sampling=True, sampling_topk=5, max_len_b=8)
+scored = lm.score({text!r})
+print(json.dumps({{"sample": sample, "scores": scored["positional_scores"].tolist()}}))
+"""
+
+
+def test_hub_from_pretrained_in_a_fresh_interpreter_scores_with_memory(ptb_chars, xl_checkpoint):
+    """``EfficientLM.from_pretrained(dir, checkpoint, data, user_dir=...)`` in a new Python: it samples, and
+    ``score`` reads a text longer than a segment with the memory, as fairseq-eval-lm --batch-size 1 does:
+    the valid split (3,992 characters, 125 segments of 32) gets the same loss."""
+    import json
+
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(ptb_chars / "dict.txt"))
+    valid = data_utils.load_indexed_dataset(str(ptb_chars / "valid"), dictionary)
+    symbols = [dictionary[int(t)] for i in range(len(valid)) for t in valid[i]]  # newlines are </s>
+    text = " ".join(symbols + ["a"])  # the hub drops a trailing </s>; score one more symbol instead
+    script = HUB.format(root=str(ROOT), ckpt_dir=str(xl_checkpoint.parent), data=str(ptb_chars), plugins=PLUGINS,
+                        text=text)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=ENV, cwd="/",
+                          timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["sample"].startswith("_ t h e ") and len(result["sample"].split()) > 4
+    assert "needs --task segment_lm" not in proc.stderr
+    scores = result["scores"][: len(symbols)]  # nats per character
+    hub_bits = -sum(scores) / len(scores) / math.log(2)
+    output = eval_lm(ptb_chars, xl_checkpoint, "--batch-size", "1").stderr
+    evaluated = float(re.search(r"Loss \(base 2\): ([\d.]+)", output)[1])
+    assert int(re.search(r"Evaluated ([\d,]+) tokens", output)[1].replace(",", "")) == len(symbols)
+    assert abs(hub_bits - evaluated) < 1e-3, (hub_bits, evaluated)
