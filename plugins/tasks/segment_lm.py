@@ -99,9 +99,10 @@ def known_option_names(model_cfg, task_cfg) -> set:
     """Every name ``--model-overrides`` can set: the model's and the task's options, every group of
     fairseq's configuration and their fields (what ``overwrite_args_by_name`` looks for)."""
     names = set(model_cfg.keys()) | set(task_cfg.keys())
+    config = FairseqConfig()
     for group in FairseqConfig.__dataclass_fields__:
         names.add(group)
-        default = getattr(FairseqConfig(), group, None)
+        default = getattr(config, group, None)
         if hasattr(default, "__dataclass_fields__"):
             names |= set(default.__dataclass_fields__)
     return names
@@ -122,14 +123,14 @@ def check_segment_fits(dataset: SegmentStreamDataset, split: str) -> None:
     """A segment longer than a stream is mostly padding, and its cost grows with its length, not with the
     data (--tokens-per-sample 100000 on PTB: no update in minutes; 200000 in eval-lm: 108 GB). Rule: every
     stream holds at least one full segment, i.e. --tokens-per-sample <= the shortest stream."""
-    shortest = int(dataset.stream_len.min())
+    streams = dataset.streams_per_rank * dataset.world_size
+    shortest = len(dataset.tokens) // streams  # the same on every worker (a worker's own may be one longer)
     if dataset.segment_len > shortest:
-        streams = dataset.streams_per_rank * dataset.world_size
         raise UserError(
             f"--tokens-per-sample {dataset.segment_len} is longer than the streams of the {split} split: its "
             f"{len(dataset.tokens):,} tokens make {streams} streams (--batch-size {dataset.streams_per_rank} x "
             f"{dataset.world_size} workers) of {shortest:,} tokens; use --tokens-per-sample <= {shortest} "
-            "(one full segment per stream) or fewer streams"
+            "(one full segment per stream) or fewer streams (--batch-size, or --batch-size-valid for validation)"
         )
 
 
