@@ -93,7 +93,10 @@ class EfficientDecoder(StreamStateMixin, FairseqIncrementalDecoder):
 
         self.init_stream_state()
         self._warned_no_streams = False
-        self.segment_len = getattr(cfg, "tokens_per_sample", None)  # how a sequence outside a stream is cut
+        # How a sequence outside a stream is read with --mem-len: alone (default; e.g. context_eval's windows,
+        # language_modeling batches), or in segments of the training length with the memory (the hub).
+        self.read_in_segments = False
+        self.segment_len = getattr(cfg, "tokens_per_sample", None)
 
     @staticmethod
     def build_layer(cfg) -> DecoderLayer:
@@ -153,20 +156,22 @@ class EfficientDecoder(StreamStateMixin, FairseqIncrementalDecoder):
             state = self.previous_stream_state(tokens, stream_offset)
             x, state, aux = self.run(tokens, state, keep=self.mem_len, start=stream_offset)
             self.keep_stream_state(state)
+        elif self.mem_len > 0 and self.read_in_segments:
+            x, aux = self.run_in_segments(tokens)
         else:
-            if self.mem_len > 0 and self.training and not self._warned_no_streams:
+            if self.mem_len > 0 and not self._warned_no_streams:
                 logger.warning("--mem-len needs --task segment_lm (ordered streams): batches run without memory")
                 self._warned_no_streams = True
-            x, aux = self.run_in_segments(tokens)
+            x, _, aux = self.run(tokens, None, keep=0)
         return x, {"attn": [None], "aux_losses": aux}
 
     def run_in_segments(self, tokens: Tensor):
-        """A batch that is not part of a stream (the hub's ``score``, fairseq's scorer, ``language_modeling``):
-        with --mem-len, a sequence longer than --tokens-per-sample is read as segment_lm reads a stream, in
-        segments of that length from position 0, each with the (detached) memory of the ones before; so a
-        text scored at once gets the same numbers as fairseq-eval-lm --batch-size 1 on it. Nothing is kept."""
+        """``read_in_segments`` (set by ``EfficientLM.from_pretrained``, for the hub's ``score``): a sequence
+        longer than --tokens-per-sample is read as segment_lm reads a stream, in segments of that length from
+        position 0, each with the (detached) memory of the ones before; so a text scored at once gets the
+        same numbers as fairseq-eval-lm --batch-size 1 on it. Nothing is kept after the call."""
         T = self.segment_len
-        if self.mem_len == 0 or not T or tokens.size(1) <= T:
+        if not T or tokens.size(1) <= T:
             x, _, aux = self.run(tokens, None, keep=0)
             return x, aux
         features, terms, state = [], [], None

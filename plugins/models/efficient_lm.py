@@ -271,6 +271,17 @@ class EfficientLM(FairseqLanguageModel):
         drop_absent_parameters(decoder)
         return cls(decoder)
 
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        """fairseq's hub interface (``sample``, ``score``, ``generate``; pass ``user_dir=<repo>/plugins``). A
+        model with memory scores a text longer than its segment in segments with the memory, as
+        fairseq-eval-lm --batch-size 1 does (``EfficientDecoder.run_in_segments``)."""
+        hub = super().from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+        for model in hub.models:
+            if hasattr(model.decoder, "read_in_segments"):
+                model.decoder.read_in_segments = True
+        return hub
+
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Refuse, with a clear message, a checkpoint trained on another dictionary (its vocabulary
         would silently mean other words, or fail with a tensor size mismatch)."""
