@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -95,10 +96,15 @@ def install_unit_metric(unit: str) -> None:
     eval_lm_logger.addFilter(UnitMetricFilter(unit))
 
 
+def _option_names(cfg) -> list:
+    """The option names of a config: a DictConfig, or the argparse.Namespace of a legacy model (lstm_lm)."""
+    return list(vars(cfg)) if isinstance(cfg, Namespace) else list(cfg.keys())
+
+
 def known_option_names(model_cfg, task_cfg) -> set:
     """Every name ``--model-overrides`` can set: the model's and the task's options, every group of
     fairseq's configuration and their fields (what ``overwrite_args_by_name`` looks for)."""
-    names = set(model_cfg.keys()) | set(task_cfg.keys())
+    names = set(_option_names(model_cfg)) | set(_option_names(task_cfg))
     config = FairseqConfig()
     for group in FairseqConfig.__dataclass_fields__:
         names.add(group)
@@ -110,11 +116,11 @@ def known_option_names(model_cfg, task_cfg) -> set:
 
 def describe_memory(model_cfg, overrides: Optional[dict] = None) -> str:
     """One line: the memory options in force (e.g. ``mem_len=1600 (override), cmem_len=16``) and the overrides."""
-    attention = model_cfg.get("attention", None)
+    attention, names = getattr(model_cfg, "attention", None), _option_names(model_cfg)
     parts = [
-        f"{name}={model_cfg.get(name)}" + (" (override)" if overrides and name in overrides else "")
+        f"{name}={getattr(model_cfg, name)}" + (" (override)" if overrides and name in overrides else "")
         for name, owner in MEMORY_OPTIONS.items()
-        if name in model_cfg and (owner is None or owner == attention)
+        if name in names and (owner is None or owner == attention)
     ]
     return f"memory in force: {', '.join(parts) or 'none (this model has no memory option)'}; model overrides: {overrides or 'none'}"
 
