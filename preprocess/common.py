@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import bz2
 import codecs
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -350,6 +351,19 @@ def _decompress(path: Path, dest: Path) -> Path:
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise PreprocessError(f"cannot decompress {path} ({exc}); is it a complete file?") from None
     return dest
+
+
+@contextlib.contextmanager
+def plain_files(files: dict[str, Path]) -> Iterator[dict[str, Path]]:
+    """``files`` with every ``.xz``/``.gz``/``.bz2`` one decompressed into a temporary directory, removed on
+    exit (the scripts that take text files read them more than once and seek in them)."""
+    with tempfile.TemporaryDirectory(prefix="preprocess-input-") as scratch:
+        plain = {}
+        for key, path in files.items():
+            if _compression(path) is not None:
+                log(f"decompressing {path}")
+            plain[key] = _decompress(path, Path(scratch) / f"{key}.txt")
+        yield plain
 
 
 def locate_members(

@@ -56,7 +56,16 @@ def run(argv: Sequence[str] | None = None) -> None:
     for split, path in files.items():
         if not path.is_file():
             raise common.PreprocessError(f"--{split} {path} is not a file; pass a UTF-8 text file")
-        common.check_utf8(path, str(path))
+    given = dict(files)
+    common.check_out(Path(args.out))  # before decompressing anything
+    with common.plain_files(files) as plain:  # .xz/.gz/.bz2 inputs, decompressed
+        build_from(args, given, plain)
+
+
+def build_from(args, given: dict[str, Path], files: dict[str, Path]) -> None:
+    """Check ``files`` (uncompressed), train the sentencepiece model and binarize them into ``args.out``."""
+    for split, path in files.items():
+        common.check_utf8(path, str(given[split]))
     common.check_out(Path(args.out))
     common.check_fairseq()
     try:
@@ -103,9 +112,9 @@ def run(argv: Sequence[str] | None = None) -> None:
             unit="subword",
             vocab_size=vocab_size,
             stats=stats,
-            source=str(files["train"].absolute()),
-            sha256=common.sha256_file(files["train"]),
-            files={s: str(p.absolute()) for s, p in files.items()},
+            source=str(given["train"].absolute()),
+            sha256=common.sha256_file(given["train"]),
+            files={s: str(p.absolute()) for s, p in given.items()},
             sentencepiece={
                 "model": "spm.model",
                 "model_type": args.model_type,

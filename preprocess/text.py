@@ -11,7 +11,7 @@ the next UTF-8 character if no newline follows). Levels (see :mod:`preprocess.co
 - ``char``: UTF-8; one token per character, space written ``_``, newline = ``</s>``; dictionary from train.
 - ``word``: UTF-8; whitespace-separated words, ``</s>`` at each line end; dictionary from train (all words).
 
-Valid/test symbols not seen in train become ``<unk>`` (``oov`` in metadata.json). ``--name`` (default:
+Inputs may be ``.xz``/``.gz``/``.bz2`` compressed. Valid/test symbols not seen in train become ``<unk>`` (``oov`` in metadata.json). ``--name`` (default:
 the ``--out`` directory name) is the dataset name in metadata.json.
 """
 
@@ -81,8 +81,16 @@ def run(argv: Sequence[str] | None = None) -> None:
     for split, path in files.items():
         if not path.is_file():
             raise common.PreprocessError(f"--{split} {path} is not a file; pass a text file")
+    common.check_out(Path(args.out))  # before decompressing anything
+    with common.plain_files(files) as plain:  # .xz/.gz/.bz2 inputs, decompressed
+        build_from(args, given, plain)
+
+
+def build_from(args, given: dict, files: dict[str, Path]) -> None:
+    """Check ``files`` (uncompressed) and binarize them into ``args.out``."""
+    for split, path in files.items():
         if args.level != "byte":
-            common.check_utf8(path, str(path))
+            common.check_utf8(path, str(given[split]))
     ranges: dict[str, tuple[int, int]] | None = None
     fractions = None
     if args.valid is None:
@@ -94,7 +102,7 @@ def run(argv: Sequence[str] | None = None) -> None:
         for split, (_, n) in ranges.items():
             if n <= 0:
                 raise common.PreprocessError(
-                    f"--split {args.split or '0.98,0.01,0.01'} leaves the {split} split of {files['train']} empty "
+                    f"--split {args.split or '0.98,0.01,0.01'} leaves the {split} split of {given['train']} empty "
                     "(too few lines); use other fractions or pass --valid and --test"
                 )
     common.check_out(Path(args.out))

@@ -61,7 +61,12 @@ def parse_args(argv=None):
     p.add_argument("--streams", type=int, default=1, help="stream mode: number of contiguous streams (default 1)")
     p.add_argument("--tokens-per-batch", type=int, default=8192, help="window mode: windows per batch x length")
     p.add_argument("--max-tokens", type=int, help="score only the first N tokens of the subset (quick runs)")
-    p.add_argument("--model-overrides", default="{}", help="JSON dict of model options, e.g. '{\"mem_len\": 256}'")
+    p.add_argument(
+        "--model-overrides",
+        default="{}",
+        help="dict of model options, as fairseq-eval-lm takes it (a Python literal; JSON works too), "
+        "e.g. \"{'mem_len': 256}\"; unknown names are refused",
+    )
     p.add_argument("--name", help="label of this model in the outputs (default: the checkpoint's directory name)")
     p.add_argument("--cpu", action="store_true", help="evaluate on CPU even if a GPU is available")
     return p.parse_args(argv)
@@ -200,7 +205,13 @@ def run(args, argv_command: Optional[list] = None) -> dict:
     from plugins.errors import UserError
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    model, task, cfg = load(args.path, args.data, args.user_dir, json.loads(args.model_overrides))
+    from plugins.cli import check_override_keys, parse_overrides
+    from plugins.tasks.segment_lm import describe_memory, known_option_names
+
+    overrides = parse_overrides(args.model_overrides)
+    model, task, cfg = load(args.path, args.data, args.user_dir, overrides)
+    check_override_keys(overrides, known_option_names(cfg.model, cfg.task))
+    print(describe_memory(cfg.model, overrides), flush=True)
     model.to(device)
     train_length = int(cfg.task.tokens_per_sample)
     if args.lengths:

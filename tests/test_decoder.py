@@ -298,6 +298,24 @@ def test_without_stream_offset_batches_run_without_memory(lm, caplog):
     assert sum("--mem-len needs --task segment_lm" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_sequence_longer_than_a_segment_is_read_in_segments_with_memory(lm):
+    """With ``read_in_segments`` (the hub's score), N > --tokens-per-sample tokens in one call give what
+    segment_lm gives when it feeds the same tokens as consecutive segments of a stream; nothing is kept."""
+    model = lm(attention="relative", pos_emb="relative", mem_len=6, tokens_per_sample=4).eval()
+    x = tokens(2, 11)
+    with torch.no_grad():
+        alone, _ = model(x)  # by default: one pass over the 11 tokens
+        model.decoder.read_in_segments = True
+        at_once, _ = model(x)
+        assert model.decoder.stream_memory == {}
+        streamed = torch.cat([model(x[:, s : s + 4], stream_offset=s)[0] for s in range(0, 11, 4)], dim=1)
+        model.reset_memory()
+        torch.testing.assert_close(at_once, streamed, rtol=0, atol=1e-6)
+        no_memory = torch.cat([model(x[:, s : s + 4])[0] for s in range(0, 11, 4)], dim=1)
+    assert not torch.allclose(at_once[:, 4:], no_memory[:, 4:], atol=1e-3)  # the memory is used
+    assert not torch.allclose(at_once[:, 4:], alone[:, 4:], atol=1e-3)
+
+
 def test_no_memory_without_mem_len(lm):
     model = lm().eval()
     x = tokens(2, 4)

@@ -215,11 +215,11 @@ def setup_task(data, **task_fields):
 
 def test_task_from_the_hydra_config(data_dir):
     """fairseq-train passes ``cfg.task`` (its II fields resolved from ``dataset``): streams come from it."""
-    task = SegmentLMTask.setup_task(task_config(data_dir, "--max-tokens", "24", "--batch-size-valid", "3"))
+    task = SegmentLMTask.setup_task(task_config(data_dir, "--max-tokens", "24", "--batch-size-valid", "2"))
     assert task.streams_per_rank("train") == 3  # --max-tokens 24 / --tokens-per-sample 8
-    assert task.streams_per_rank("valid") == 3
+    assert task.streams_per_rank("valid") == 2  # 19 tokens: 2 streams of 9+ (3 of 6 would not hold a segment)
     task.load_dataset("valid")
-    assert task.dataset("valid").streams_per_rank == 3
+    assert task.dataset("valid").streams_per_rank == 2
 
 
 def test_batches_come_in_order_and_cover_the_split(data_dir):

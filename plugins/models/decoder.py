@@ -93,6 +93,10 @@ class EfficientDecoder(StreamStateMixin, FairseqIncrementalDecoder):
 
         self.init_stream_state()
         self._warned_no_streams = False
+        # How a sequence outside a stream is read with --mem-len: alone (default; e.g. context_eval's windows,
+        # language_modeling batches), or in segments of the training length with the memory (the hub).
+        self.read_in_segments = False
+        self.segment_len = getattr(cfg, "tokens_per_sample", None)
 
     @staticmethod
     def build_layer(cfg) -> DecoderLayer:
@@ -152,12 +156,36 @@ class EfficientDecoder(StreamStateMixin, FairseqIncrementalDecoder):
             state = self.previous_stream_state(tokens, stream_offset)
             x, state, aux = self.run(tokens, state, keep=self.mem_len, start=stream_offset)
             self.keep_stream_state(state)
+        elif self.mem_len > 0 and self.read_in_segments:
+            x, aux = self.run_in_segments(tokens)
         else:
             if self.mem_len > 0 and not self._warned_no_streams:
                 logger.warning("--mem-len needs --task segment_lm (ordered streams): batches run without memory")
                 self._warned_no_streams = True
             x, _, aux = self.run(tokens, None, keep=0)
         return x, {"attn": [None], "aux_losses": aux}
+
+    def run_in_segments(self, tokens: Tensor):
+        """``read_in_segments`` (set by ``EfficientLM.from_pretrained``, for the hub's ``score``): a sequence
+        longer than --tokens-per-sample is read as segment_lm reads a stream, in segments of that length from
+        position 0, each with the (detached) memory of the ones before; so a text scored at once gets the
+        same numbers as fairseq-eval-lm --batch-size 1 on it. Nothing is kept after the call."""
+        T = self.segment_len
+        if not T or tokens.size(1) <= T:
+            x, _, aux = self.run(tokens, None, keep=0)
+            return x, aux
+        features, terms, state = [], [], None
+        for start in range(0, tokens.size(1), T):
+            x, state, aux = self.run(tokens[:, start : start + T], state, keep=self.mem_len, start=start)
+            state = state.detach()  # truncated BPTT, as between the batches of segment_lm
+            features.append(x)  # B x t x D
+            terms.append((aux, x.size(1)))
+        n = tokens.size(1)
+        aux = {  # per-token means: the length-weighted mean over the segments
+            name: AuxLoss(sum(a[name].value * t for a, t in terms if name in a) / n, term.weight)
+            for name, term in terms[0][0].items()
+        }
+        return torch.cat(features, dim=1), aux  # B x N x D
 
     def run(self, tokens: Tensor, state: Optional[DecoderState], keep: Optional[int], start: Optional[int] = None):
         """Embed ``tokens`` (B x T), run every layer with its memory; return B x T x D features, the next

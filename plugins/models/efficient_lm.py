@@ -238,6 +238,16 @@ def parse_cutoffs(option: str, value: Optional[str], vocab_size: int) -> Optiona
     return cutoffs
 
 
+def drop_absent_parameters(module) -> None:
+    """Turn parameter slots that hold None (``nn.Linear(bias=False)``'s bias) into plain None attributes.
+    fairseq's trainer catalogs shared parameters by identity, so every None slot looks like one parameter
+    shared across the model ("detected shared parameter: ...r_proj.bias <- ...output_projection.bias")."""
+    for m in module.modules():
+        for name in [n for n, p in m._parameters.items() if p is None]:
+            del m._parameters[name]
+            object.__setattr__(m, name, None)
+
+
 @register_model("efficient_lm", dataclass=EfficientLMConfig)
 class EfficientLM(FairseqLanguageModel):
     @classmethod
@@ -258,7 +268,19 @@ class EfficientLM(FairseqLanguageModel):
         attentions = [m for m in decoder.modules() if isinstance(m, Attention)]  # in depth order
         for index, attention in enumerate(attentions):
             attention.set_layer_index(index)
+        drop_absent_parameters(decoder)
         return cls(decoder)
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
+        """fairseq's hub interface (``sample``, ``score``, ``generate``; pass ``user_dir=<repo>/plugins``). A
+        model with memory scores a text longer than its segment in segments with the memory, as
+        fairseq-eval-lm --batch-size 1 does (``EfficientDecoder.run_in_segments``)."""
+        hub = super().from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+        for model in hub.models:
+            if hasattr(model.decoder, "read_in_segments"):
+                model.decoder.read_in_segments = True
+        return hub
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Refuse, with a clear message, a checkpoint trained on another dictionary (its vocabulary

@@ -8,12 +8,19 @@ Differences from fairseq's ``language_modeling`` (which it extends, so sampling 
 - every batch carries its offset in the streams (``stream_offset``): the model's memory starts empty at
   offset 0 (every epoch, every validation pass) and survives a mid-epoch resume from a checkpoint;
 - ``--context-window`` is rejected: memory, not overlapping windows, gives a model its long context;
-- the data's unit (byte / char / word / subword) is known, so the criterion labels bpb / bpc / ppl.
+- the data's unit (byte / char / word / subword) is known, so the criterion labels bpb / bpc / ppl, and so
+  does ``fairseq-eval-lm`` (its "Perplexity" line becomes the unit's metric);
+- the criterion is ``aux_cross_entropy`` (fairseq's default ``cross_entropy`` would drop the model's
+  auxiliary losses); a segment longer than the streams of a split is refused before any work;
+- ``--model-overrides`` keys that no option has are refused (fairseq ignores them), and the memory in
+  force is logged.
 """
 
 import json
 import logging
 import os
+import re
+from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -21,17 +28,23 @@ import torch
 from fairseq import utils
 from fairseq.data import Dictionary, data_utils, iterators
 from fairseq.dataclass import ChoiceEnum
+from fairseq.dataclass.configs import FairseqConfig
 from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
-from omegaconf import II
+from omegaconf import II, OmegaConf
 
+from .. import cli
+from ..criterions.aux_cross_entropy import UNIT_METRIC
 from ..errors import UserError
 from .stream_dataset import SegmentStreamDataset, flat_tokens
 
 logger = logging.getLogger(__name__)
 
 TOKEN_UNITS = ("byte", "char", "word", "subword")
+CRITERION = "aux_cross_entropy"
+FAIRSEQ_DEFAULT_CRITERION = "cross_entropy"  # fairseq's --criterion default (fairseq/criterions/__init__.py)
+MEMORY_OPTIONS = {"mem_len": None, "cmem_len": "compressive", "compression_rate": "compressive", "max_span": "adaptive_span"}  # fmt: skip
 
 
 @dataclass
@@ -58,6 +71,73 @@ def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
     if symbols and all(len(s) == 1 for s in symbols):
         return "char"
     return "word"
+
+
+class UnitMetricFilter(logging.Filter):
+    """fairseq-eval-lm's result line in the data's metric: ``Loss (base 2): 1.9, bpc: 1.9`` for characters
+    (bits per character is the base-2 loss per token), bpb for bytes; words and subwords keep perplexity."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        metric = UNIT_METRIC.get(self.unit, "ppl")
+        match = re.match(r"Loss \(base 2\): ([\d.]+), Perplexity: ", str(record.msg))
+        if match and metric != "ppl":
+            record.msg, record.args = f"Loss (base 2): {match[1]}, {metric}: {match[1]} ({self.unit}-level data)", ()
+        return True
+
+
+def install_unit_metric(unit: str) -> None:
+    eval_lm_logger = logging.getLogger("fairseq_cli.eval_lm")
+    for old in [f for f in eval_lm_logger.filters if isinstance(f, UnitMetricFilter)]:
+        eval_lm_logger.removeFilter(old)
+    eval_lm_logger.addFilter(UnitMetricFilter(unit))
+
+
+def _option_names(cfg) -> list:
+    """The option names of a config: a DictConfig, or the argparse.Namespace of a legacy model (lstm_lm)."""
+    return list(vars(cfg)) if isinstance(cfg, Namespace) else list(cfg.keys())
+
+
+def known_option_names(model_cfg, task_cfg) -> set:
+    """Every name ``--model-overrides`` can set: the model's and the task's options, every group of
+    fairseq's configuration and their fields (what ``overwrite_args_by_name`` looks for)."""
+    names = set(_option_names(model_cfg)) | set(_option_names(task_cfg))
+    config = FairseqConfig()
+    for group in FairseqConfig.__dataclass_fields__:
+        names.add(group)
+        default = getattr(config, group, None)
+        if hasattr(default, "__dataclass_fields__"):
+            names |= set(default.__dataclass_fields__)
+    return names
+
+
+def describe_memory(model_cfg, overrides: Optional[dict] = None) -> str:
+    """One line: the memory options in force (e.g. ``mem_len=1600 (override), cmem_len=16``) and the overrides."""
+    attention, names = getattr(model_cfg, "attention", None), _option_names(model_cfg)
+    parts = [
+        f"{name}={getattr(model_cfg, name)}" + (" (override)" if overrides and name in overrides else "")
+        for name, owner in MEMORY_OPTIONS.items()
+        if name in names and (owner is None or owner == attention)
+    ]
+    return f"memory in force: {', '.join(parts) or 'none (this model has no memory option)'}; model overrides: {overrides or 'none'}"
+
+
+def check_segment_fits(dataset: SegmentStreamDataset, split: str) -> None:
+    """A segment longer than a stream is mostly padding, and its cost grows with its length, not with the
+    data (--tokens-per-sample 100000 on PTB: no update in minutes; 200000 in eval-lm: 108 GB). Rule: every
+    stream holds at least one full segment, i.e. --tokens-per-sample <= the shortest stream."""
+    streams = dataset.streams_per_rank * dataset.world_size
+    shortest = len(dataset.tokens) // streams  # the same on every worker (a worker's own may be one longer)
+    if dataset.segment_len > shortest:
+        raise UserError(
+            f"--tokens-per-sample {dataset.segment_len} is longer than the streams of the {split} split: its "
+            f"{len(dataset.tokens):,} tokens make {streams} streams (--batch-size {dataset.streams_per_rank} x "
+            f"{dataset.world_size} workers) of {shortest:,} tokens; use --tokens-per-sample <= {shortest} "
+            "(one full segment per stream) or fewer streams (--batch-size, or --batch-size-valid for validation)"
+        )
 
 
 def data_parallel_position() -> dict:
@@ -91,6 +171,36 @@ class SegmentLMTask(LanguageModelingTask):
         unit = args.token_unit
         self.token_unit = guess_token_unit(utils.split_paths(args.data)[0] if args.data else None, dictionary) if unit == "auto" else unit  # fmt: skip
         logger.info(f"token unit: {self.token_unit}")
+        install_unit_metric(self.token_unit)
+
+    def build_criterion(self, cfg):
+        """``aux_cross_entropy``: cross entropy plus the model's auxiliary losses (compression, span, ...),
+        logged in the data's metric. fairseq's default ``cross_entropy`` is replaced by it; any criterion
+        typed on the command line that is not it is refused (it would train without the auxiliary losses)."""
+        name = getattr(cfg, "_name", None)
+        if name != CRITERION:
+            if name != FAIRSEQ_DEFAULT_CRITERION or cli.typed("--criterion"):
+                raise UserError(
+                    f"--criterion {name} cannot add the model's auxiliary losses (compression, span, ...) nor "
+                    f"label {self.token_unit} data with {UNIT_METRIC.get(self.token_unit, 'ppl')}: "
+                    f"--task segment_lm trains with --criterion {CRITERION}; drop --criterion {name}"
+                )
+            logger.info(
+                f"criterion: {CRITERION} (segment_lm's own; fairseq's default {name} would drop auxiliary losses)"
+            )
+            cfg = OmegaConf.create({"_name": CRITERION, "sentence_avg": bool(cfg.get("sentence_avg", False))})
+        return super().build_criterion(cfg)
+
+    def build_model(self, cfg, from_checkpoint=False):
+        """On a checkpoint loaded by a fairseq-* command with ``--model-overrides``: refuse keys that no
+        option has (fairseq would ignore a typo such as mem_lenn), and log the memory in force."""
+        overrides = cli.model_overrides() if from_checkpoint else None
+        if overrides:
+            cli.check_override_keys(overrides, known_option_names(cfg, self.args))
+        model = super().build_model(cfg, from_checkpoint=from_checkpoint)
+        if from_checkpoint:
+            logger.info(describe_memory(cfg, overrides))
+        return model
 
     def streams_per_rank(self, split: str) -> int:
         """Streams (rows of every batch) per worker: --batch-size, or --max-tokens / --tokens-per-sample;
@@ -133,9 +243,10 @@ class SegmentLMTask(LanguageModelingTask):
             **data_parallel_position(),
         )
         ds = self.datasets[split]
+        check_segment_fits(ds, split)
         logger.info(
-            f"{split}: {ds.num_targets} targets, {ds.streams_per_rank} streams x {len(ds)} segments of "
-            f"{ds.segment_len} (rank {ds.rank}/{ds.world_size})"
+            f"{split}: {ds.num_targets} targets, {ds.streams_per_rank} streams of {int(ds.stream_len.min())}+ tokens "
+            f"x {len(ds)} segments of {ds.segment_len} (rank {ds.rank}/{ds.world_size})"
         )
 
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, max_positions=None,
@@ -170,6 +281,7 @@ class SegmentLMTask(LanguageModelingTask):
             )
         if batch_size is not None and batch_size != dataset.streams_per_rank:
             dataset = dataset.with_streams(batch_size)
+            check_segment_fits(dataset, "evaluated")
         return self.get_batch_iterator(dataset, num_workers=num_workers, data_buffer_size=data_buffer_size).next_epoch_itr(shuffle=False)  # fmt: skip
 
     def optimizer_step(self, optimizer, model, update_num):

@@ -1,0 +1,109 @@
+"""What the user typed on a ``fairseq-*`` command line, checked before fairseq starts any work.
+
+fairseq fills every option the user did not type with a default, so a task or model cannot tell a typed
+``--criterion cross_entropy`` from the default one, and it reports a mistyped ``--arch`` with its whole
+registry (4,000 characters) after the parser's usage text. The plugin is imported while fairseq builds
+its parser (``--user-dir``), before any of that: :func:`check_command_line` reads ``sys.argv`` there.
+Nothing here runs outside a ``fairseq-*`` program (e.g. under pytest or the Python hub).
+"""
+
+import ast
+import difflib
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .errors import UserError
+
+
+def is_fairseq_cli(argv: Optional[List[str]] = None) -> bool:
+    argv = sys.argv if argv is None else argv
+    return bool(argv) and os.path.basename(argv[0]).startswith("fairseq-")
+
+
+def typed(option: str, argv: Optional[List[str]] = None) -> bool:
+    """Whether ``option`` (e.g. ``--criterion``) is on the command line of a fairseq-* program."""
+    argv = sys.argv if argv is None else argv
+    return is_fairseq_cli(argv) and any(a == option or a.startswith(option + "=") for a in argv[1:])
+
+
+def typed_value(option: str, argv: Optional[List[str]] = None, aliases=()) -> Optional[str]:
+    """The last value given to ``option`` (``--x V`` or ``--x=V``) on a fairseq-* command line, else None."""
+    argv = sys.argv if argv is None else argv
+    if not is_fairseq_cli(argv):
+        return None
+    value = None
+    for i, a in enumerate(argv[1:], start=1):
+        for name in (option, *aliases):
+            if a == name and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif a.startswith(name + "="):
+                value = a[len(name) + 1 :]
+    return value
+
+
+def close_matches(word: str, choices, n: int = 3) -> str:
+    """``'a', 'b'`` (the closest choices), or '' when none is close."""
+    return ", ".join(difflib.get_close_matches(word, sorted(choices), n=n, cutoff=0.6))
+
+
+def parse_overrides(text: str, option: str = "--model-overrides") -> dict:
+    """A dict of option overrides: a Python literal, as fairseq writes it (``"{'mem_len': 1600}"``), or
+    JSON (``'{"mem_len": 1600, "same_length": true}'``); the two agree but for true/false/null."""
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise UserError(
+                f"{option} {text!r} is not a dict: write a Python or JSON dict such as \"{{'mem_len': 1600}}\""
+            ) from None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UserError(f"{option} {text!r} is not a dict of option names: write e.g. \"{{'mem_len': 1600}}\"")
+    return value
+
+
+def check_arch(argv: Optional[List[str]] = None) -> None:
+    """A mistyped ``--arch``: one line with the closest names (fairseq prints its whole registry)."""
+    from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+
+    arch = typed_value("--arch", argv, aliases=("-a",))
+    if arch is None or arch in ARCH_MODEL_REGISTRY or arch in MODEL_REGISTRY:
+        return
+    matches = close_matches(arch, ARCH_MODEL_REGISTRY)
+    hint = f"did you mean {matches}?" if matches else "presets are named <mechanism>_<dataset>[_<size>], e.g. xl_tiny"
+    raise UserError(f"unknown --arch '{arch}': {hint} (every preset: README, or --arch efficient_lm with options)")
+
+
+def check_override_keys(overrides: dict, known, option: str = "--model-overrides") -> None:
+    """Refuse override keys that no option has (fairseq would ignore them silently)."""
+    for key in overrides:
+        if key not in known:
+            matches = close_matches(key, known)
+            hint = f"did you mean {matches}?" if matches else "use option names with underscores, e.g. mem_len"
+            raise UserError(f"{option}: no option named '{key}' in this checkpoint's configuration: {hint}")
+
+
+def model_overrides(argv: Optional[List[str]] = None) -> Optional[dict]:
+    """The ``--model-overrides`` dict typed on a fairseq-* command line, else None."""
+    text = typed_value("--model-overrides", argv)
+    return None if text is None else parse_overrides(text)
+
+
+def check_command_line(argv: Optional[List[str]] = None) -> None:
+    """Checks of a fairseq-* command line that need nothing but the registries (run at plugin import).
+    ``--model-overrides`` given as JSON is rewritten in ``sys.argv`` as the Python literal fairseq evals
+    (``true`` -> ``True``), so fairseq-eval-lm and ``recipes.context_eval`` take the same syntax."""
+    argv = sys.argv if argv is None else argv
+    if not is_fairseq_cli(argv):
+        return
+    check_arch(argv)
+    overrides = model_overrides(argv)
+    if overrides is not None:
+        for i, a in enumerate(argv):
+            if a == "--model-overrides" and i + 1 < len(argv):
+                argv[i + 1] = repr(overrides)
+            elif a.startswith("--model-overrides="):
+                argv[i] = f"--model-overrides={overrides!r}"
