@@ -232,7 +232,10 @@ def apply_plan(plan: ResumePlan, trainer, epoch_itr) -> None:
         for module in trainer.model.modules():
             memory = getattr(module, "stream_memory", None)
             if isinstance(memory, dict):
-                had_memory |= memory.pop("train", None) is not None
+                # a model that carries state across segments: its saved memory (if the load kept any, e.g.
+                # not already dropped for another number of processes) belongs to other streams
+                had_memory |= bool(getattr(module, "carries_state", False))
+                memory.pop("train", None)
         if had_memory:
             effects.append("the saved memory is reset (the next segment starts with none)")
     moved = _move_position(plan, epoch_itr)

@@ -111,7 +111,9 @@ class StreamStateMixin:
             if saved_world != world and (
                 extra.get("train_memory") is not None or any(r is not None for r in ranks or [])
             ):
-                logger.warning(
+                # info, not warning: a different number of streams is what the user must hear about, in
+                # the one warning line of plugins/resume.py (memory reset, where the data resumes)
+                logger.info(
                     f"the checkpoint's stream memory was saved by {saved_world} process(es), this run has {world}: "
                     "the streams are cut anew, so every stream starts with no memory (reset)"
                 )
