@@ -50,10 +50,12 @@ def global_rank() -> int:
 
 
 def parse_eval(text: str) -> dict:
-    loss = re.search(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+|inf)", text)
+    # words: "Loss (base 2): 6.76, Perplexity: 108.04"; characters / bytes: "Loss (base 2): 1.23, bpc: 1.23 (...)"
+    loss = re.search(r"Loss \(base 2\): ([\d.]+|inf)(?:, Perplexity: ([\d.]+|inf))?", text)
     if not loss:
         raise ValueError("no 'Loss (base 2)' line")
-    out = {"loss_base2": float(loss.group(1)), "ppl": float(loss.group(2))}
+    base2 = float(loss.group(1))
+    out = {"loss_base2": base2, "ppl": float(loss.group(2)) if loss.group(2) else round(2.0**base2, 2)}
     speed = re.search(r"Evaluated ([\d,]+) tokens in ([\d.]+)s \(([\d.]+) tokens/s\)", text)
     if speed:
         out.update(tokens=int(speed.group(1).replace(",", "")), tokens_per_s=float(speed.group(3)))

@@ -208,7 +208,7 @@ def test_a_nonfinite_checkpoint_is_not_published_as_last_nor_resumed_from(byte_c
     """--lr 0.003 for epoch 1 (11 updates of 16 x 32), then 1e37: update 12 sends the weights to ~1e37, its
     validation loss is NaN, and update 13 stops with "gradients are Nan/Inf". Every update is saved."""
     save_dir = tmp_path / "ckpt"
-    exploding = dict(batch_size=16, lr="0.003,1e37", lr_scheduler="fixed", max_update=20, save_interval_updates=1,
+    exploding = dict(batch_size=16, batch_size_valid=4, lr="0.003,1e37", lr_scheduler="fixed", max_update=20, save_interval_updates=1,
                      validate_interval_updates=1, keep_interval_updates=1)  # fmt: skip
     proc = train(byte_corpus, save_dir, **exploding)
     assert proc.returncode != 0 and "gradients are Nan/Inf" in out(proc), out(proc)[-3000:]
