@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..memory import HiddenMemory
 from .base import Attention, AttentionConfig, AuxLoss, register_attention
-from .chunking import ChunkedScoresConfig, cat_queries, chunk_bounds, query_chunk_size, run_chunk
+from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
 from .persistent import PersistentMemoryConfig
 
 logger = logging.getLogger(__name__)
@@ -147,6 +147,7 @@ class AdaptiveSpanAttention(Attention):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        check_chunk_config(cfg)
         if cfg.max_span <= 0:
             raise UserError(f"--max-span must be positive, got {cfg.max_span}")
         if not 0 < cfg.span_ramp <= cfg.max_span:

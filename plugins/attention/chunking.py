@@ -27,17 +27,25 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
+
 
 @dataclass
 class ChunkedScoresConfig:
     """Mixed into the config of every mechanism that computes its scores in query chunks."""
 
     score_chunk_elements: int = field(
-        default=2**22,
+        default=2**21,  # 8 MiB per float32 score tensor of one sequence; N = 4096, H = 4: chunks of 128 queries
         metadata={"help": "largest score tensor (heads x queries x keys, per sequence) computed at once: longer "
                   "inputs are processed in query chunks (recomputed in the backward pass when training), so "
                   "memory grows linearly with the keys; the result is the same (0: never chunk)"},
     )  # fmt: skip
+
+
+def check_chunk_config(cfg) -> None:
+    """``UserError`` for a negative ``--score-chunk-elements``."""
+    if cfg.score_chunk_elements < 0:
+        raise UserError(f"--score-chunk-elements must be >= 0 (0: never chunk), got {cfg.score_chunk_elements}")
 
 
 def query_chunk_size(num_heads: int, num_queries: int, num_keys: int, budget: int) -> int:

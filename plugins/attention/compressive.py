@@ -128,6 +128,7 @@ class CompressiveAttention(RelativeAttention):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         if cfg.cmem_len < 0:
             raise UserError(f"--cmem-len must be >= 0 (0: no compressed memory), got {cfg.cmem_len}")
         if cfg.compression_rate < 1:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
-from .chunking import ChunkedScoresConfig, cat_queries, chunk_bounds, query_chunk_size, run_chunk
+from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
 from .persistent import PersistentMemoryConfig
 
 
@@ -77,6 +77,10 @@ class RelativeAttention(Attention):
         self.u = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # content bias
         self.v = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # position bias
         self.sinusoid = SinusoidalPositions(embed_dim)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_chunk_config(cfg)
 
     def share_with(self, first: "RelativeAttention") -> None:
         if not self.cfg.untie_r:
