@@ -44,6 +44,10 @@ Two windows (``--span-window``):
 In both, the i-th most recent key the query may see (rank x = i - 1) gets the mask m_z(x) and the
 position embedding p_x; the key sets differ by one position, so the outputs differ.
 
+Beyond ``--score-chunk-elements`` the queries are processed in chunks over only the keys their windows
+reach, recomputed in the backward pass when training (``chunking.py``): the same function, in memory
+O(chunk x (chunk + W)) instead of O(T x S_k).
+
 The span parameters must stay in [0, 1]: ``after_optimizer_step`` clamps them and ``segment_lm``'s
 ``optimizer_step`` calls it after every update (fairseq has no other hook after the step).
 

@@ -16,6 +16,9 @@ keys, so early and late positions of a segment are scored with the same context 
 The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
 with a gather (the paper's "relative shift", written as an explicit index for clarity).
 
+Beyond ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
+training (``chunking.py``): memory linear in the keys, the same function.
+
 With ``--persistent-mem-size N`` (``persistent.py``) N learned key/value slots join the keys; they get the
 content term (q_i + u)^T k only.
 """
