@@ -44,6 +44,10 @@ Two windows (``--span-window``):
 In both, the i-th most recent key the query may see (rank x = i - 1) gets the mask m_z(x) and the
 position embedding p_x; the key sets differ by one position, so the outputs differ.
 
+Beyond ``--score-chunk-elements`` the queries are processed in chunks over only the keys their windows
+reach, recomputed in the backward pass when training (``chunking.py``): the same function, in memory
+O(chunk x (chunk + W)) instead of O(T x S_k).
+
 The span parameters must stay in [0, 1]: ``after_optimizer_step`` clamps them and ``segment_lm``'s
 ``optimizer_step`` calls it after every update (fairseq has no other hook after the step).
 
@@ -64,6 +68,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..memory import HiddenMemory
 from .base import Attention, AttentionConfig, AuxLoss, register_attention
+from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
 from .persistent import PersistentMemoryConfig
 
 logger = logging.getLogger(__name__)
@@ -73,7 +78,7 @@ SPAN_GRANULARITY = 64  # windows and caches grow in steps of 64 positions (offic
 
 
 @dataclass
-class AdaptiveSpanConfig(AttentionConfig, PersistentMemoryConfig):
+class AdaptiveSpanConfig(AttentionConfig, PersistentMemoryConfig, ChunkedScoresConfig):
     max_span: int = field(
         default=8192,
         metadata={"help": "S: the longest span a head can learn, in positions; also the size of the learned "
@@ -146,6 +151,7 @@ class AdaptiveSpanAttention(Attention):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        check_chunk_config(cfg)
         if cfg.max_span <= 0:
             raise UserError(f"--max-span must be positive, got {cfg.max_span}")
         if not 0 < cfg.span_ramp <= cfg.max_span:
@@ -259,9 +265,31 @@ class AdaptiveSpanAttention(Attention):
         else:  # the cache is at most W <= len(used) + T positions: all within [used; x], whose K/V are kept
             new_mem = HiddenMemory.extend(used, x, self.cache_length(keep, W), k, v)
 
-        # rank of key j for query t (which sits at key position (S_k - T) + t): 0 for the most recent key
+        N = 0 if self.persistent is None else self.persistent.size
+        chunk = query_chunk_size(H, T, S_k + N, self.cfg.score_chunk_elements)
+        if chunk >= T:  # one pass
+            out = self.attend(q, k, v, S_k - T, W, official)  # B x H x T x Dh
+            return self.out_proj(self.merge_heads(out)), new_mem
+        outs = []
+        for t0, t1 in chunk_bounds(T, chunk):  # query chunks (chunking.py): keys from the window's start only
+            first = S_k - T + t0  # key position of the chunk's first query
+            lo, hi = max(0, first - W), S_k - T + t1  # keys outside [lo, hi) are masked for every query
+            outs.append(run_chunk(self.attend_chunk, q, k, v, t0, t1, lo, hi, W, official))
+        return self.out_proj(self.merge_heads(cat_queries(outs))), new_mem
+
+    def attend_chunk(self, q, k, v, t0: int, t1: int, lo: int, hi: int, W: int, official: bool) -> Tensor:
+        """Queries t0 .. t1-1 over keys lo .. hi-1 (every key they may see): B x H x C x Dh."""
+        first = k.size(2) - q.size(2) + t0 - lo  # key position of query t0 among keys lo .. hi-1
+        return self.attend(q[:, :, t0:t1], k[:, :, lo:hi], v[:, :, lo:hi], first, W, official)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, first: int, W: int, official: bool) -> Tensor:
+        """The T queries (the first at key position ``first`` of ``k``, the others after it) over the S_k
+        keys ``k``, ``v`` with window W: B x H x T x Dh."""
+        B, H, T, _ = q.shape
+        S_k = k.size(2)
+        # rank of key j for query t (which sits at key position first + t): 0 for the most recent key
         # it may see, i.e. distance - 1 (official: itself excluded) or distance (inclusive: itself first)
-        rank = torch.arange(S_k - T, S_k, device=x.device)[:, None] - torch.arange(S_k, device=x.device)  # T x S_k
+        rank = torch.arange(first, first + T, device=q.device)[:, None] - torch.arange(S_k, device=q.device)  # T x S_k
         if official:
             rank = rank - 1
         allowed = (rank >= 0) & (rank < W)
@@ -269,13 +297,11 @@ class AdaptiveSpanAttention(Attention):
         position = torch.einsum("bhtd,wd->bhtw", q, self.key_pe[:W].to(q.dtype)) * self.scale  # B x H x T x W
         p = self.dropout if self.training else 0.0
         if official:
-            out = self.official_attention(q, k, v, position, index, allowed, p)  # B x H x T x Dh
-            return self.out_proj(self.merge_heads(out)), new_mem
+            return self.official_attention(q, k, v, position, index, allowed, p)  # B x H x T x Dh
         exact = torch.promote_types(q.dtype, torch.float32)  # the bias in float32 at least (log of the mask)
-        log_mask = log_of(soft_span_mask(self.spans().to(exact), torch.arange(W, device=x.device), self.ramp))
+        log_mask = log_of(soft_span_mask(self.spans().to(exact), torch.arange(W, device=q.device), self.ramp))
         bias = position.to(exact) + log_mask[:, None, :]  # B x H x T x W, by rank (log_mask: H x W)
         bias = bias.gather(-1, index.expand(B, H, T, S_k)).masked_fill(~allowed, float("-inf"))  # B x H x T x S_k
         if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
             k, v, bias = self.persistent.prepend(k, v, bias)  # B x H x (N+S_k) x Dh
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # B x H x T x Dh
-        return self.out_proj(self.merge_heads(out)), new_mem
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=p)  # B x H x T x Dh

@@ -128,6 +128,7 @@ class CompressiveAttention(RelativeAttention):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         if cfg.cmem_len < 0:
             raise UserError(f"--cmem-len must be >= 0 (0: no compressed memory), got {cfg.cmem_len}")
         if cfg.compression_rate < 1:
@@ -163,16 +164,16 @@ class CompressiveAttention(RelativeAttention):
         k, v = self.keys_values(h, mem, norm)  # B x H x (M+T) x Dh: [memory; segment]
         ck, cv = self.compressed_keys_values(compressed, norm)  # B x H x N x Dh
         window = keep if self.cfg.same_length else None
-        need_weights = self.compress is not None and self.compress.needs_usage
-        out, weights = self.relative_attention(
-            q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), window, need_weights
-        )  # B x H x T x Dh, B x H x T x S
+        need_usage = self.compress is not None and self.compress.needs_usage  # most_used only
+        out, received = self.relative_attention(
+            q, torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2), window, need_usage=need_usage
+        )  # B x H x T x Dh, B x S (attention each key received, summed over queries: most_used)
         out = self.out_proj(self.merge_heads(out))  # B x T x D
         if self.lazy and not fresh:
             out = out + self.untouched_compression()  # exactly + 0: keeps every parameter in the graph (DDP)
         if keep == 0:
             return out, None
-        usage = None if weights is None else weights[..., compressed.size(1) :].mean(dim=1)  # B x T x (M+T)
+        usage = None if received is None else received[:, compressed.size(1) :]  # B x (M+T)
         return out, self.next_memory(mem, x, keep, compressed, k, v, usage, h, norm)
 
     def compressed_keys_values(self, compressed: Tensor, norm: Optional[nn.Module]) -> Tuple[Tensor, Tensor]:
@@ -211,7 +212,7 @@ class CompressiveAttention(RelativeAttention):
         if not torch.is_grad_enabled():  # fixed weights: cache the memory's keys and values (as Transformer-XL)
             state.keys, state.values = k[:, :, evict:], v[:, :, evict:]
         if usage is not None:  # most_used
-            state.usage, state.views = self.accumulate_usage(mem, usage)  # B x (M+T)
+            state.usage, state.views = self.accumulate_usage(mem, usage, x.size(1))  # B x (M+T)
         evicted = ctx[:, :evict]  # B x E x D, oldest first
         evicted_usage = None if state.usage is None else self.average_usage(state.usage, state.views, evict)
         if state.usage is not None:
@@ -233,12 +234,11 @@ class CompressiveAttention(RelativeAttention):
         return state
 
     @staticmethod
-    def accumulate_usage(mem: Optional[HiddenMemory], usage: Tensor) -> Tuple[Tensor, Tensor]:
-        """The attention each position of [memory; segment] has received (summed over queries; ``usage``:
-        this segment's weights averaged over heads, B x T x (M+T)) and from how many queries: every query
-        sees the memory, segment position j is seen by the T - j queries from j on."""
-        B, T, L = usage.shape
-        received = usage.sum(dim=1)  # B x (M+T)
+    def accumulate_usage(mem: Optional[HiddenMemory], received: Tensor, T: int) -> Tuple[Tensor, Tensor]:
+        """The attention each position of [memory; segment] has received (summed over queries; ``received``:
+        this segment's weights averaged over heads and summed over its T queries, B x (M+T)) and from how
+        many queries: every query sees the memory, segment position j is seen by the T - j queries from j on."""
+        B, L = received.shape
         views = torch.cat([received.new_full((B, L - T), T), torch.arange(T, 0, -1).to(received)[None].expand(B, T)], 1)
         if getattr(mem, "usage", None) is not None:  # what the memory positions received before
             received = received + F.pad(mem.usage, (0, T))

@@ -16,6 +16,9 @@ keys, so early and late positions of a segment are scored with the same context 
 The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
 with a gather (the paper's "relative shift", written as an explicit index for clarity).
 
+Beyond ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
+training (``chunking.py``): memory linear in the keys, the same function.
+
 With ``--persistent-mem-size N`` (``persistent.py``) N learned key/value slots join the keys; they get the
 content term (q_i + u)^T k only.
 """
@@ -30,11 +33,12 @@ from torch import Tensor, nn
 from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
+from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
 from .persistent import PersistentMemoryConfig
 
 
 @dataclass
-class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig):
+class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig, ChunkedScoresConfig):
     clamp_len: int = field(
         default=0,
         metadata={"help": "clamp relative distances to at most this (0: no clamp); Transformer-XL's --clamp_len, "
@@ -77,6 +81,10 @@ class RelativeAttention(Attention):
         self.v = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # position bias
         self.sinusoid = SinusoidalPositions(embed_dim)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_chunk_config(cfg)
+
     def share_with(self, first: "RelativeAttention") -> None:
         if not self.cfg.untie_r:
             self.u, self.v = first.u, first.v
@@ -88,27 +96,67 @@ class RelativeAttention(Attention):
         out, _ = self.relative_attention(q, k, v, window=keep if self.cfg.same_length else None)
         return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)
 
-    def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None) -> Tensor:
-        """The position term (b)+(d), scaled, of T queries over the last S keys, -inf where a query may
-        not look (causal; ``window``: only the ``window`` keys up to the query): B x H x T x S."""
-        T, S = q.size(2), num_keys
-        distance = torch.arange(S - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
+    def position_keys(self, num_keys: int, q: Tensor) -> Tensor:
+        """W_R r_d for the S distances d = S-1 .. 0 (clamped to ``--clamp-len``), by head: H x S x Dh."""
+        distance = torch.arange(num_keys - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
         if self.cfg.clamp_len > 0:
             distance = distance.clamp(max=self.cfg.clamp_len)
         r = self.r_proj(self.sinusoid(distance).to(q.dtype))  # S x D
-        r = r.view(S, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
+        return r.view(num_keys, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
+
+    def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
+        """The position term (b)+(d), scaled, of T queries over the last S keys, -inf where a query may
+        not look (causal; ``window``: only the ``window`` keys up to the query): B x H x T x S. ``r``: the
+        position keys of the S distances S-1 .. 0 (``position_keys``), computed here if not given."""
+        T, S = q.size(2), num_keys
+        r = self.position_keys(S, q) if r is None else r  # H x S x Dh
         position = torch.einsum("bhtd,hsd->bhts", q + self.v[:, None], r)  # B x H x T x S (by distance)
         position = relative_shift(position) * self.scale  # B x H x T x S (by key)
         allowed = same_length_mask(T, S, window, q.device) if window else causal_mask(T, S, q.device)
         return position.masked_fill(~allowed, float("-inf"))
 
     def relative_attention(
-        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None, need_weights: bool = False
-    ) -> Tuple[Tensor, Optional[Tensor]]:
+        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int] = None, need_weights: bool = False,
+        need_usage: bool = False,
+    ) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
         """softmax((q + u)^T k * scale + position term) v over the S keys (the queries are the last T):
-        B x H x T x Dh, and the attention weights (B x H x T x S, before dropout) if ``need_weights``.
-        Persistent slots (``--persistent-mem-size``) get the content term only, no position, never masked."""
-        bias = self.score_bias(q, k.size(2), window)
+        B x H x T x Dh, and the attention weights (B x H x T x S, before dropout) if ``need_weights``, or the
+        attention each key received (B x S: weights averaged over heads, summed over queries, no gradient)
+        if ``need_usage``. Persistent slots (``--persistent-mem-size``) get the content term only, no
+        position, never masked. Beyond ``--score-chunk-elements`` the queries are processed in chunks
+        (``chunking.py``), except for ``need_weights`` (the B x H x T x S weights are the result)."""
+        B, H, T, _ = q.shape
+        S = k.size(2)
+        N = 0 if self.persistent is None else self.persistent.size
+        chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
+        if need_weights or chunk >= T:
+            out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
+            if need_usage:
+                return out, weights.detach().mean(dim=1).sum(dim=1)  # B x S
+            return out, weights
+        r = self.position_keys(S, q)  # H x S x Dh, distances S-1 .. 0
+
+        def attend_chunk(t0: int, t1: int, q: Tensor, k: Tensor, v: Tensor, r: Tensor):
+            hi = S - T + t1  # keys after the chunk's last query are masked for all of its queries: left out
+            lo = 0 if not window else max(0, S - T + t0 - window + 1)  # and so are those before every window
+            qc = q[:, :, t0:t1]  # B x H x C x Dh
+            bias = self.score_bias(qc, hi - lo, window, r[:, S - (hi - lo) :])  # B x H x C x L (L = hi - lo)
+            out, weights = self.attend_keys(qc, k[:, :, lo:hi], v[:, :, lo:hi], bias, need_usage)
+            usage = None if weights is None else F.pad(weights.detach().mean(dim=1).sum(dim=1), (lo, S - hi))
+            return out, usage  # B x H x C x Dh, B x S
+
+        outs, usage = [], None
+        for t0, t1 in chunk_bounds(T, chunk):
+            out, used = run_chunk(attend_chunk, t0, t1, q, k, v, r)
+            outs.append(out)
+            usage = used if usage is None else usage + used
+        return cat_queries(outs), usage
+
+    def attend_keys(
+        self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, need_weights: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """softmax((q + u)^T k * scale + bias) v (B x H x T x Dh) with the persistent slots joining the keys,
+        and the weights (B x H x T x S, before dropout) if ``need_weights`` (not with persistent slots)."""
         if self.persistent is not None:
             if need_weights:
                 raise ValueError("attention weights over persistent slots are not defined here")

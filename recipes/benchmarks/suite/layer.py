@@ -36,6 +36,8 @@ VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
         ),
     ],  # the paper's L
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
+    # query chunks (the default) vs the one-pass O(T x S) path they replace, paired in the same run
+    "relative": [("", {}), ("one pass", {"score_chunk_elements": 0})],
 }
 
 
