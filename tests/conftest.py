@@ -7,6 +7,8 @@ the same module and nothing registers twice. Never import it through another pat
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +25,18 @@ import plugins  # noqa: E402  (the module fairseq just imported, not a second co
 from plugins.models.efficient_lm import EfficientLM, EfficientLMConfig  # noqa: E402
 
 assert Path(plugins.__file__).resolve().parent == (REPO / "plugins").resolve(), "plugins was imported from another path"
+
+
+def byte_corpus_bin(tmp: Path, scale: float = 0.02) -> Path:
+    """A small byte-level slice of the embedded corpus (``recipes.corpus --scale``), binarized by the
+    project's own script into ``tmp/data-bin``: the data of the end-to-end CLI tests."""
+    raw, out = tmp / "raw", tmp / "data-bin"
+    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", str(scale)], check=True,
+                   cwd=REPO, capture_output=True)  # fmt: skip
+    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
+    subprocess.run([sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast",
+                    "--out", out], check=True, cwd=REPO, capture_output=True)  # fmt: skip
+    return out
 
 
 def pytest_configure(config):

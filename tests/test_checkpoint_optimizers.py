@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import byte_corpus_bin
 
 ROOT = Path(os.path.abspath(__file__)).parents[1]  # not resolve(): fairseq compares abspath()s
 BASE = [
@@ -120,17 +121,7 @@ if __name__ == "__main__":
 # ---- the tests -----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("optim")
-    raw, out = tmp / "raw", tmp / "data-bin"
-    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
-    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
-    subprocess.run(
-        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast", "--out", out],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    return out
+    return byte_corpus_bin(tmp_path_factory.mktemp("optim"))
 
 
 @pytest.fixture(scope="module")

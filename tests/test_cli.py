@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import byte_corpus_bin
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,17 +37,7 @@ def fairseq(tool, *args, check=True, env=None):
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
     """A small byte-level slice of the embedded corpus, binarized by the project's own script."""
-    tmp = tmp_path_factory.mktemp("cli")
-    raw, out = tmp / "raw", tmp / "data-bin"
-    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
-    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
-    subprocess.run(
-        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast", "--out", out],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    return out
+    return byte_corpus_bin(tmp_path_factory.mktemp("cli"))
 
 
 def last_valid(stdout: str, metric: str) -> float:

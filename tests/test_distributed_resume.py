@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import byte_corpus_bin
 from fairseq.distributed.utils import _TensorPlaceholder
 from omegaconf import OmegaConf
 
@@ -33,17 +34,7 @@ TRAIN = [
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
     """A small byte-level slice of the embedded corpus, binarized by the project's own script."""
-    tmp = tmp_path_factory.mktemp("ranks")
-    raw, out = tmp / "raw", tmp / "data-bin"
-    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
-    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
-    subprocess.run(
-        [sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast", "--out", out],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    return out
+    return byte_corpus_bin(tmp_path_factory.mktemp("ranks"))
 
 
 def train_2_ranks(data_bin, save_dir, *args) -> str:

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import byte_corpus_bin
 
 from plugins.checkpointing import load_checkpoint_safely
 
@@ -45,13 +46,7 @@ pytestmark = pytest.mark.cli
 @pytest.fixture(scope="module")
 def byte_corpus(tmp_path_factory):
     """5 kB of the embedded corpus as bytes: 41 batches of 4 x 32 per epoch."""
-    tmp = tmp_path_factory.mktemp("resume")
-    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", tmp / "raw", "--scale", "0.0025"],
-                   check=True, cwd=ROOT, capture_output=True)  # fmt: skip
-    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", tmp / "raw" / f"{s}.txt")]
-    subprocess.run([sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast",
-                    "--out", tmp / "bin"], check=True, cwd=ROOT, capture_output=True)  # fmt: skip
-    return tmp / "bin"
+    return byte_corpus_bin(tmp_path_factory.mktemp("resume"), scale=0.0025)
 
 
 def command(data: Path, save_dir: Path, tool: str = "fairseq-train", **changes) -> list:

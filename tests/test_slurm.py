@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import byte_corpus_bin
 
 from recipes import experiment as experiments
 from recipes import report
@@ -50,13 +51,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def data_bin(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("slurm-data")
-    raw, out = tmp / "raw", tmp / "data-bin"
-    subprocess.run([sys.executable, "-m", "recipes.corpus", "--out", raw, "--scale", "0.02"], check=True, cwd=ROOT)
-    splits = [a for s in ("train", "valid", "test") for a in (f"--{s}", raw / f"{s}.txt")]
-    subprocess.run([sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast",
-                    "--out", out], check=True, cwd=ROOT, capture_output=True)  # fmt: skip
-    return out
+    return byte_corpus_bin(tmp_path_factory.mktemp("slurm-data"))
 
 
 def write_experiment(path: Path, data, **changes) -> Path:

@@ -60,3 +60,24 @@ def test_fairseqs_own_loader_refuses_it_too_on_torch_2_6_and_later(crafted, monk
     with pytest.raises(Exception, match="Weights only load failed"):
         checkpoint_utils.load_checkpoint_to_cpu(str(path))
     assert not marker.exists()
+
+
+# ---- checkpoints that predate an option ---------------------------------------------------------------
+@pytest.mark.parametrize("absent", [("score_chunk_elements",), ("span_window", "sparse_summary_blocks")])
+def test_a_model_saved_before_an_option_existed_is_rebuilt_with_its_default(absent):
+    """fairseq rebuilds a model from the checkpoint's ``cfg.model`` (an OmegaConf dict without the schema):
+    an option added later is absent there. Before ``fill_missing_options``, fairseq-eval-lm stopped with
+    ``ConfigAttributeError: Missing key score_chunk_elements`` on every model trained before that option."""
+    import dataclasses
+
+    from conftest import make_dictionary, make_task, model_config
+    from omegaconf import OmegaConf
+
+    from plugins.models.efficient_lm import EfficientLM, EfficientLMConfig
+
+    values = dataclasses.asdict(model_config(attention="relative", pos_emb="relative", mem_len=8))
+    saved = OmegaConf.create({k: v for k, v in values.items() if k not in absent})
+    model = EfficientLM.build_model(saved, make_task(make_dictionary()))
+    defaults = EfficientLMConfig()
+    assert all(saved[name] == getattr(defaults, name) for name in absent)
+    assert sum(p.numel() for p in model.parameters()) > 0

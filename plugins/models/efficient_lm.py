@@ -21,6 +21,7 @@ from torch import Tensor
 from ..attention import ATTENTION_REGISTRY, Attention, AuxLoss
 from ..errors import UserError
 from ..modules.positional import POSITIONAL_REGISTRY
+from .config_defaults import fill_missing_options
 from .decoder import EfficientDecoder
 
 ABSOLUTE_POSITIONS = ("sinusoidal", "learned")
@@ -252,6 +253,7 @@ def drop_absent_parameters(module) -> None:
 class EfficientLM(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
+        fill_missing_options(cfg, EfficientLMConfig)  # a checkpoint saved before an option existed
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         validate_config(cfg)

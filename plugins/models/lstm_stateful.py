@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..memory import TensorState
+from .config_defaults import fill_missing_options
 from .stream_state import StreamStateMixin
 
 UNBOUNDED_POSITIONS = 1 << 20  # no positional table: any length
@@ -155,6 +156,7 @@ class StatefulLSTMDecoder(StreamStateMixin, FairseqIncrementalDecoder):
 class StatefulLSTMLM(FairseqLanguageModel):
     @classmethod
     def build_model(cls, cfg, task):
+        fill_missing_options(cfg, LSTMStatefulConfig)  # a checkpoint saved before an option existed
         if getattr(cfg, "max_target_positions", None) is None:
             cfg.max_target_positions = cfg.tokens_per_sample
         if cfg.init_range < 0:
