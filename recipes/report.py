@@ -1,6 +1,8 @@
 """Results of an experiment's runs: a markdown table and loss curves.
 
-    python -m recipes.report runs/xl_memory_ptb_cpu [--out DIR] [--title TEXT]
+    python -m recipes.report runs/xl_memory_ptb_cpu [more run dirs ...] [--out DIR] [--title TEXT]
+
+(several directories: one table and one set of figures, e.g. a study next to the baseline runs of another)
 
 Reads every run directory below the given one (``train.log`` in fairseq's JSON log format, ``run.json``,
 ``eval.json``; written by ``python -m slurm.launch``) and writes
@@ -110,15 +112,21 @@ def plot(runs: List[RunResult], png: Path, x: str, title: str = "") -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recipes.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs_dir", help="a directory of runs (searched recursively for train.log)")
-    parser.add_argument("--out", help="where to write results.md and the PNGs (default: runs_dir)")
+    parser.add_argument("runs_dir", nargs="+", help="directories of runs (searched recursively for train.log)")
+    parser.add_argument("--out", help="where to write results.md and the PNGs (default: the first runs_dir)")
     parser.add_argument("--title", default="", help="figure title")
     args = parser.parse_args(argv)
-    root = Path(args.runs_dir)
-    runs = find_runs(root) if root.is_dir() else []
-    if not runs:
-        sys.exit(f"error: no runs (train.log files) under {root}")
-    out = Path(args.out) if args.out else root
+    roots = [Path(d) for d in args.runs_dir]
+    runs = []
+    for root in roots:
+        found = find_runs(root) if root.is_dir() else []
+        if not found:
+            sys.exit(f"error: no runs (train.log files) under {root}")
+        runs += found
+    if len(roots) > 1:  # several experiments side by side: each run says which one it belongs to
+        for run in runs:
+            run.swept = {"experiment": run.log.name.split("/")[0], **run.swept}
+    out = Path(args.out) if args.out else roots[0]
     out.mkdir(parents=True, exist_ok=True)
     text = table(runs)
     (out / "results.md").write_text(text + "\n")
