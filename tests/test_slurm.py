@@ -290,6 +290,20 @@ def test_report_table_and_plots_match_the_logs(local_sweep, tmp_path):
         assert image.shape[0] > 200 and image.std() > 0.01  # something was drawn
 
 
+@pytest.mark.cli
+def test_report_of_several_run_directories_is_one_table(local_sweep, tmp_path):
+    """``python -m recipes.report DIR DIR ...``: one table and one set of figures over several experiments'
+    runs (a study next to another study's baseline), each row naming its experiment."""
+    _, runs_dir, proc = local_sweep
+    assert proc.returncode == 0
+    assert report.main([str(runs_dir / "lr=0.003"), str(runs_dir / "lr=0.001"), "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "results.md").read_text().splitlines()[2:]
+    assert len(rows) == 2 and all("experiment=tiny" in row for row in rows)
+    assert (tmp_path / "loss_vs_updates.png").exists()
+    with pytest.raises(SystemExit, match="no runs"):
+        report.main([str(runs_dir / "lr=0.003"), str(tmp_path / "empty")])
+
+
 def _train_until(command, log: Path, pattern: str, sig) -> int:
     """Run ``command``; when ``pattern`` appears in ``log``, send ``sig``; return the exit code."""
     with open(log, "a") as out:
