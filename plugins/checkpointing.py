@@ -67,7 +67,7 @@ from typing import List, Optional, Tuple
 import torch
 from fairseq import checkpoint_utils
 from fairseq.file_io import PathManager
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from . import resume
 from .errors import UserError
@@ -251,34 +251,39 @@ def _publish(tmp: str, dst: str) -> None:
     _remember_good(dst)
 
 
-def plain_namespaces(obj):
-    """``obj`` with every ``argparse.Namespace`` replaced by the plain dict of its attributes.
+def plain_data(obj):
+    """``obj`` with every ``argparse.Namespace`` replaced by the plain dict of its attributes and every
+    OmegaConf container by plain dicts/lists (``to_container(resolve=False)``); other values unchanged.
 
-    fairseq's legacy optimizers and lr schedulers (those registered without a dataclass: ``sgd``,
-    ``adafactor``, ``adagrad``, ``adadelta``, ``adamax``, ``lamb``, ``manual``) are configured by the whole
-    command line as an ``argparse.Namespace``, which ``convert_namespace_to_omegaconf`` stores as
-    ``cfg.optimizer`` / ``cfg.lr_scheduler`` and which the saved ``cfg`` keeps as an object. Every loader
-    under torch >= 2.6 (resume, ``fairseq-eval-lm``) refuses it (``Weights only load failed ...
-    argparse.Namespace``). The dict holds the same names and values (``Namespace(**d)`` rebuilds it);
-    no loader reads these two entries back as a Namespace (a resume configures its optimizer and scheduler
-    from its own command line, ``fairseq-eval-lm`` reads only ``cfg.task``/``cfg.model``)."""
+    Used for what the safe loader (``weights_only``) must read back: the checkpoint's ``cfg`` and what rank 0
+    broadcasts (``plugins/distributed.py``). fairseq's legacy optimizers and lr schedulers (registered
+    without a dataclass: ``sgd``, ``adafactor``, ``adagrad``, ``adadelta``, ``adamax``, ``lamb``, ``manual``)
+    are configured by the whole command line as an ``argparse.Namespace``, which
+    ``convert_namespace_to_omegaconf`` stores as ``cfg.optimizer`` / ``cfg.lr_scheduler`` and which the
+    saved ``cfg`` keeps as an object. Every loader under torch >= 2.6 (resume, ``fairseq-eval-lm``) refuses
+    it (``Weights only load failed ... argparse.Namespace``). The dict holds the same names and values
+    (``Namespace(**d)`` rebuilds it); no loader reads these two entries back as a Namespace (a resume
+    configures its optimizer and scheduler from its own command line, ``fairseq-eval-lm`` reads only
+    ``cfg.task``/``cfg.model``)."""
+    if OmegaConf.is_config(obj):
+        obj = OmegaConf.to_container(obj, resolve=False)
     if isinstance(obj, argparse.Namespace):
-        return {k: plain_namespaces(v) for k, v in vars(obj).items()}
-    if type(obj) in (dict, collections.OrderedDict):
-        return type(obj)((k, plain_namespaces(v)) for k, v in obj.items())
+        return {k: plain_data(v) for k, v in vars(obj).items()}
+    if type(obj) in (dict, collections.OrderedDict):  # exact types: torch.Size, namedtuples stay what they are
+        return type(obj)((k, plain_data(v)) for k, v in obj.items())
     if type(obj) in (list, tuple):
-        return type(obj)(plain_namespaces(v) for v in obj)
+        return type(obj)(plain_data(v) for v in obj)
     return obj
 
 
 def torch_persistent_save(obj, filename, async_write: bool = False):
     """fairseq's ``torch_persistent_save``, with the ``.tmp`` file fsync'ed before the rename, no
-    ``argparse.Namespace`` in the saved ``cfg`` (:func:`plain_namespaces`), and no non-finite checkpoint
+    ``argparse.Namespace`` in the saved ``cfg`` (:func:`plain_data`), and no non-finite checkpoint
     published (:func:`_withhold_nonfinite`)."""
     if _withhold_nonfinite(obj, filename):
         return
     if isinstance(obj, dict) and "cfg" in obj:
-        obj = {**obj, "cfg": plain_namespaces(obj["cfg"])}
+        obj = {**obj, "cfg": plain_data(obj["cfg"])}
     if async_write or not PathManager.supports_rename(filename):
         return _ORIGINAL["torch_persistent_save"](obj, filename, async_write)
     tmp = filename + ".tmp"

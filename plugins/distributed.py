@@ -12,13 +12,12 @@ closed by peer`` on rank 0), on CPU/gloo and on GPUs/NCCL alike.
 
 What :func:`install` changes in ``fairseq.distributed.utils._broadcast_object_slow``:
 
-- the sender turns every OmegaConf container into plain dicts/lists first
-  (``OmegaConf.to_container(resolve=False)``): exactly what the checkpoint file itself holds, since fairseq
-  saves its ``cfg`` that way; ``Trainer.load_checkpoint`` reads no config from the broadcast state;
+- the sender turns every OmegaConf container (and ``argparse.Namespace``) into plain dicts/lists first
+  (``checkpointing.plain_data``, the same conversion the checkpoint writer applies): exactly what the
+  checkpoint file itself holds; ``Trainer.load_checkpoint`` reads no config from the broadcast state;
 - the receivers unpickle with ``weights_only=True`` and one class allowed beyond torch's defaults:
   ``_TensorPlaceholder``, a frozen dataclass holding one ``int`` (unpickling it sets that attribute and runs
-  no code). Anything else (e.g. a legacy checkpoint's ``argparse.Namespace``) is refused as
-  ``fairseq-eval-lm`` refuses it, with one line naming the object.
+  no code). Any other class is refused, with one line naming the object.
 
 It also wraps ``broadcast_tensors`` (which sends the tensors themselves): the sender's tensors are made
 contiguous first. fairseq sends each one with ``dist.broadcast`` and the receivers view the bytes with the
@@ -34,29 +33,17 @@ import inspect
 import io
 import pickle
 import re
-from collections import OrderedDict
 
 import torch
 from fairseq.distributed import utils as distributed_utils
-from omegaconf import OmegaConf
 
+from .checkpointing import plain_data
 from .errors import UserError
 
 # Parameter names of the fairseq function this module replaces (fairseq-fixed 0.12.3.1).
 PATCHED_SIGNATURE = ["obj", "src_rank", "group", "dist_device"]
 PATCHED_SIGNATURE_TENSORS = ["tensors", "src_rank", "group", "dist_device"]
 _ORIGINAL = {}
-
-
-def to_plain(obj):
-    """``obj`` with every OmegaConf container replaced by plain dicts/lists (other values unchanged)."""
-    if OmegaConf.is_config(obj):
-        return OmegaConf.to_container(obj, resolve=False)
-    if type(obj) in (dict, OrderedDict):  # exact types: torch.Size, namedtuples etc. stay what they are
-        return type(obj)((k, to_plain(v)) for k, v in obj.items())
-    if type(obj) in (list, tuple):
-        return type(obj)(to_plain(v) for v in obj)
-    return obj
 
 
 def safe_loads(payload: io.BytesIO):
@@ -78,7 +65,7 @@ def _broadcast_object_slow(obj, src_rank, group, dist_device):
     broadcast = distributed_utils.broadcast
     if distributed_utils.get_rank(group) == src_rank:
         buffer = io.BytesIO()
-        torch.save(to_plain(obj), buffer)
+        torch.save(plain_data(obj), buffer)
         buffer = torch.ByteTensor(buffer.getbuffer()).to(dist_device)
         length = torch.LongTensor([len(buffer)]).to(dist_device)
         broadcast(length, src=src_rank, group=group)

@@ -5,7 +5,7 @@
 fairseq's legacy optimizers and lr schedulers (``sgd``, ``adafactor``, ``adagrad``, ...) keep their
 settings as an ``argparse.Namespace`` in the saved ``cfg``; torch's safe loader (``weights_only``, used by
 every resume and by ``fairseq-eval-lm``) refuses it. Checkpoints written by this project now store a
-plain dict there (``plugins.checkpointing.plain_namespaces``); this rewrites an older file the same way:
+plain dict there (``plugins.checkpointing.plain_data``); this rewrites an older file the same way:
 the model, optimizer state and everything else are unchanged, the file is replaced atomically.
 
 It unpickles the file fully (``weights_only=False``): run it only on checkpoints you wrote yourself.
@@ -20,10 +20,10 @@ import torch
 
 def upgrade(path: str) -> bool:
     """Rewrite ``path`` with plain dicts for Namespaces; False if it had none (the file is untouched)."""
-    from plugins.checkpointing import plain_namespaces
+    from plugins.checkpointing import plain_data
 
     state = torch.load(path, map_location="cpu", weights_only=False)  # trusted: the user's own checkpoint
-    plain = {**state, "cfg": plain_namespaces(state.get("cfg"))}
+    plain = {**state, "cfg": plain_data(state.get("cfg"))}
     if repr(plain["cfg"]) == repr(state.get("cfg")):
         return False
     tmp = path + ".tmp"

@@ -18,7 +18,8 @@ from conftest import byte_corpus_bin
 from fairseq.distributed.utils import _TensorPlaceholder
 from omegaconf import OmegaConf
 
-from plugins.distributed import safe_loads, to_plain
+from plugins.checkpointing import plain_data
+from plugins.distributed import safe_loads
 from plugins.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def test_the_broadcast_carries_plain_data_and_refuses_objects(tmp_path):
     state = {"cfg": OmegaConf.create({"model": {"_name": "efficient_lm", "dim": 8}}), "model": [_TensorPlaceholder(0)]}
     state["sizes"] = [{"size": torch.Size([2, 3]), "dtype": torch.float16}]
     buffer = io.BytesIO()
-    torch.save(to_plain(state), buffer)
+    torch.save(plain_data(state), buffer)
     buffer.seek(0)
     received = safe_loads(buffer)
     assert received["cfg"] == {"model": {"_name": "efficient_lm", "dim": 8}} and type(received["cfg"]) is dict
