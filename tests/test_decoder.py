@@ -563,7 +563,10 @@ def _inject_aux(model, **terms):
 
 @pytest.mark.parametrize("sentence_avg", [False, True])
 def test_criterion_adds_and_logs_aux_losses(lm, dictionary, task_stub, sentence_avg):
-    model = lm(dictionary).eval()
+    """Training: loss = cross entropy + sample_size * sum_k w_k aux_k. Validation (eval mode): loss is the
+    cross entropy alone, so fairseq's best checkpoint (by validation loss) is the best language model; the
+    auxiliary terms are still logged."""
+    model = lm(dictionary).train()  # dropout 0: train and eval compute the same cross entropy
     criterion = AuxCrossEntropyCriterion(task_stub(dictionary, "word"), sentence_avg=sentence_avg)
     sample = make_sample(dictionary.pad())
     plain, _, _ = criterion(model, sample)
@@ -575,6 +578,11 @@ def test_criterion_adds_and_logs_aux_losses(lm, dictionary, task_stub, sentence_
     torch.testing.assert_close(log["loss"], expected.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(log["nll_loss"], plain.detach(), rtol=1e-6, atol=1e-5)
     assert float(log["aux_span"]) == pytest.approx(0.25 * sample_size)
+    assert float(log["aux_recon"]) == pytest.approx(2.0 * sample_size)
+    model.eval()
+    loss, _, log = criterion(model, sample)
+    torch.testing.assert_close(loss.detach(), plain.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(log["loss"], plain.detach(), rtol=1e-6, atol=1e-5)
     assert float(log["aux_recon"]) == pytest.approx(2.0 * sample_size)
 
 

@@ -3,7 +3,12 @@
     loss = sum_t -log p(x_t | x_<t)  +  sample_size * sum_k w_k * aux_k
 
 where ``aux_k`` (a per-token mean, e.g. a compression reconstruction loss or a span penalty) and its
-weight ``w_k`` come from ``model.aux_losses(net_output)``. Every term is logged on its own, and so is
+weight ``w_k`` come from ``model.aux_losses(net_output)``, in training. In evaluation (``model.eval()``:
+fairseq-train's validation) ``loss`` is the cross entropy alone: the auxiliary terms are training devices
+(the compression network's objective, a span regulariser), not part of the language model's likelihood,
+and fairseq picks ``checkpoint_best.pt`` by the validation ``loss`` (``--best-checkpoint-metric``'s
+default); with them added, the best checkpoint of a compressive or adaptive-span model would be the one with
+the smallest sum. They are still logged on their own in validation. Every term is logged on its own, and so is
 every number of ``model.metrics()`` in training (e.g. adaptive span's learned spans, per layer). Losses
 are logged in base 2, as fairseq does, and the derived metric is labelled by the data's unit:
 ``bpb`` (bytes, e.g. enwik8), ``bpc`` (characters, e.g. text8) or ``ppl`` (words and subwords).
@@ -66,7 +71,8 @@ class AuxCrossEntropyCriterion(FairseqCriterion):
         }
         aux_losses = model.aux_losses(net_output) if hasattr(model, "aux_losses") else {}
         for name, term in aux_losses.items():
-            loss = loss + term.weight * term.value * sample_size
+            if model.training:  # validation's loss is the cross entropy alone (docstring)
+                loss = loss + term.weight * term.value * sample_size
             logging_output[f"aux_{name}"] = term.value.data * sample_size
         if aux_losses and not torch.isfinite(loss.detach()).all():
             check_finite(nll, aux_losses)
