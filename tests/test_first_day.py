@@ -153,6 +153,18 @@ def test_switching_a_presets_attention_drops_the_presets_options_of_the_old_one(
     assert "'mem_len': 32," in proc.stdout  # the preset's other defaults stay
 
 
+def test_switching_an_xl_presets_attention_drops_its_relative_positions_and_memory(ptb_chars, tmp_path):
+    """xl_tiny's relative positions are computed inside relative attention: with --attention full the model
+    takes the default positions (sinusoidal, absolute) and so no memory, saying so; typed values stand."""
+    proc = run("fairseq-train", ptb_chars, *TRAIN, "--arch", "xl_tiny", "--attention", "full", "--max-update", "2",
+               "--save-dir", tmp_path)  # fmt: skip
+    assert "'attention': full" in proc.stdout and "'pos_emb': sinusoidal" in proc.stdout
+    assert "'mem_len': 0," in proc.stdout and "the preset's --pos-emb relative and --mem-len" in proc.stdout
+    proc = run("fairseq-train", ptb_chars, *TRAIN, "--arch", "xl_tiny", "--attention", "full", "--pos-emb", "rotary",
+               "--max-update", "2", "--save-dir", tmp_path / "rotary")  # fmt: skip
+    assert "'pos_emb': rotary" in proc.stdout and "'mem_len': 0," not in proc.stdout
+
+
 def test_a_typed_option_of_the_old_attention_is_still_refused(ptb_chars, tmp_path):
     proc = run("fairseq-train", ptb_chars, *TRAIN, "--arch", "compressive_tiny", "--attention", "relative",
                "--cmem-len", "16", "--max-update", "2", "--save-dir", tmp_path, check=False)  # fmt: skip
