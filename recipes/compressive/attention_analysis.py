@@ -87,8 +87,11 @@ def collect(model, dataset, segments: int, bins: int) -> Dict:
 
 
 def plot(result: Dict, out: Path, bins: int) -> None:
+    import logging
+
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # fairseq's loading leaves the root logger at DEBUG
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
