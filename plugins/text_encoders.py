@@ -18,8 +18,10 @@ text (``<unk>``, ``madeupword0000``) are kept as they are, so nothing is dropped
 """
 
 import re
+from dataclasses import dataclass
 
 from fairseq.data.encoders import register_bpe
+from fairseq.dataclass import FairseqDataclass
 
 from preprocess.common import char_line
 
@@ -40,7 +42,17 @@ class _LevelEncoder:
         pass
 
 
-@register_bpe("char_level")
+@dataclass
+class CharLevelConfig(FairseqDataclass):
+    """No options (a registered config lets hydra compose ``--bpe char_level`` given on the command line)."""
+
+
+@dataclass
+class ByteLevelConfig(FairseqDataclass):
+    """No options."""
+
+
+@register_bpe("char_level", dataclass=CharLevelConfig)
 class CharLevelEncoder(_LevelEncoder):
     """Text <-> the symbols of ``python -m preprocess.text --level char`` (and ``preprocess.text8``)."""
 
@@ -72,7 +84,7 @@ _BYTE_SYMBOL = [str(b) for b in range(256)]
 _BYTE_SYMBOL[10] = EOS
 
 
-@register_bpe("byte_level")
+@register_bpe("byte_level", dataclass=ByteLevelConfig)
 class ByteLevelEncoder(_LevelEncoder):
     """Text (UTF-8) <-> the symbols of ``preprocess.text --level byte`` and ``preprocess.enwik8``."""
 

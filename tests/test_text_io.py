@@ -76,11 +76,11 @@ def bytes_(texts, tmp_path_factory):
     return binarize_and_train(texts, "byte", tmp_path_factory.mktemp("bytes"))
 
 
-def interactive(data: Path, checkpoint: Path, *prompts: str):
-    """``fairseq-interactive`` with no --bpe: the prompts on stdin; returns (D- lines, S- lines, the output)."""
+def interactive(data: Path, checkpoint: Path, *prompts: str, options=()):
+    """``fairseq-interactive``, the prompts on stdin; returns (D- lines, S- lines, the output)."""
     proc = run("fairseq-interactive", data, "--user-dir", PLUGINS, "--task", "segment_lm", "--path", checkpoint,
                "--cpu", "--beam", "1", "--sampling", "--sampling-topk", "5", "--max-len-b", "40", "--seed", "1",
-               stdin="".join(p + "\n" for p in prompts))  # fmt: skip
+               *options, stdin="".join(p + "\n" for p in prompts))  # fmt: skip
     lines = proc.stdout.splitlines()
     detok = [line.split("\t", 2)[2] for line in lines if line.startswith("D-")]
     source = [line.split("\t", 1)[1] for line in lines if line.startswith("S-")]
@@ -116,6 +116,7 @@ def test_the_encoder_writes_exactly_the_symbols_of_the_data(level, texts, chars,
 
 
 def test_interactive_on_characters_reads_and_prints_text_and_names_unknown_symbols(chars):
+    """No --bpe: the task builds the data's encoder (metadata.json)."""
     detok, source, output = interactive(*chars, "the company", "the Qompany ß")
     assert source[0] == "t h e _ c o m p a n y", output[-3000:]  # before: <unk> <unk>
     assert detok[0].startswith("the company") and len(detok[0]) > len("the company"), detok
@@ -126,7 +127,8 @@ def test_interactive_on_characters_reads_and_prints_text_and_names_unknown_symbo
 
 
 def test_interactive_on_bytes_reads_and_prints_text(bytes_):
-    detok, source, output = interactive(*bytes_, "the company é")
+    """``--bpe byte_level`` given explicitly (the hub test covers bytes without it)."""
+    detok, source, output = interactive(*bytes_, "the company é", options=["--bpe", "byte_level"])
     assert source[0] == "116 104 101 32 99 111 109 112 97 110 121 32 195 169", output[-3000:]
     assert detok[0].startswith("the company é"), detok  # before: <unk> <unk> <unk>
     assert WARNING not in output
