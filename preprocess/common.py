@@ -11,8 +11,8 @@
 - :func:`run_fairseq_preprocess` runs the real ``fairseq-preprocess --only-source`` of the active Python,
   then checks that the token count of every split is the one counted here.
 - :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters, and
-  for byte/char data the ``encoder``: the fairseq ``--bpe`` that turns text into these tokens and back,
-  ``plugins/text_encoders.py``, which the ``segment_lm`` task uses when no ``--bpe`` is given).
+  for byte/char/subword data the ``encoder``: the fairseq ``--bpe`` that turns text into these tokens and
+  back, which the ``segment_lm`` task uses when no ``--bpe`` is given).
 
 Token conventions (the contract with the training task):
 
@@ -871,8 +871,9 @@ def check_binarized(dest: Path, stats: dict[str, SplitStats]) -> None:
 # metadata
 
 
-# unit -> the fairseq --bpe (plugins/text_encoders.py) that writes text as this unit's tokens and back
-TEXT_ENCODERS = {"byte": "byte_level", "char": "char_level"}
+# unit -> the fairseq --bpe that writes text as this unit's tokens and back (byte/char: plugins/text_encoders.py;
+# subword: fairseq's sentencepiece with the data's spm.model)
+TEXT_ENCODERS = {"byte": "byte_level", "char": "char_level", "subword": "sentencepiece"}
 
 
 def write_metadata(
@@ -895,7 +896,7 @@ def write_metadata(
         "source": source,
         "sha256": sha256,
         "fairseq_dict_size": dict_lines + 4,  # + <s> <pad> </s> <unk>
-        "encoder": TEXT_ENCODERS.get(unit),  # text <-> tokens for fairseq-interactive and the hub; None: words
+        "encoder": TEXT_ENCODERS.get(unit),  # text <-> tokens for fairseq-interactive and the hub; words: None
         **extra,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

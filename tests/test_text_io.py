@@ -56,10 +56,14 @@ def texts(tmp_path_factory):
 
 
 def binarize_and_train(texts: Path, level: str, tmp: Path) -> tuple[Path, Path]:
-    """``preprocess.text --level LEVEL`` of ``texts``, then xl_tiny trained for 2 updates on it."""
+    """``preprocess.text --level LEVEL`` (``preprocess.sentencepiece`` for subwords) of ``texts``, then
+    xl_tiny trained for 2 updates on it."""
     data = tmp / "bin"
-    run("-m preprocess.text", "--train", texts / "train.txt", "--valid", texts / "valid.txt", "--test",
-        texts / "valid.txt", "--level", level, "--binarizer", "fast", "--out", data)  # fmt: skip
+    splits = ["--train", texts / "train.txt", "--valid", texts / "valid.txt", "--test", texts / "valid.txt"]
+    if level == "subword":
+        run("-m preprocess.sentencepiece", *splits, "--vocab-size", "300", "--workers", "1", "--out", data)
+    else:
+        run("-m preprocess.text", *splits, "--level", level, "--binarizer", "fast", "--out", data)
     run("fairseq-train", data, "--user-dir", PLUGINS, "--task", "segment_lm", "--arch", "xl_tiny",
         "--tokens-per-sample", "32", "--batch-size", "4", "--optimizer", "adam", "--lr", "0.003", "--cpu",
         "--num-workers", "0", "--seed", "1", "--max-update", "2", "--no-epoch-checkpoints", "--save-dir", tmp / "ckpt")  # fmt: skip
@@ -74,6 +78,11 @@ def chars(texts, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bytes_(texts, tmp_path_factory):
     return binarize_and_train(texts, "byte", tmp_path_factory.mktemp("bytes"))
+
+
+@pytest.fixture(scope="module")
+def subwords(texts, tmp_path_factory):
+    return binarize_and_train(texts, "subword", tmp_path_factory.mktemp("subwords"))
 
 
 def interactive(data: Path, checkpoint: Path, *prompts: str, options=()):
@@ -131,6 +140,15 @@ def test_interactive_on_bytes_reads_and_prints_text(bytes_):
     detok, source, output = interactive(*bytes_, "the company é", options=["--bpe", "byte_level"])
     assert source[0] == "116 104 101 32 99 111 109 112 97 110 121 32 195 169", output[-3000:]
     assert detok[0].startswith("the company é"), detok  # before: <unk> <unk> <unk>
+    assert WARNING not in output
+
+
+def test_interactive_on_sentencepiece_subwords_reads_text_with_no_flag(subwords):
+    """Subword data: the data's spm.model (metadata.json) is used with no --bpe/--sentencepiece-model."""
+    assert json.loads((subwords[0] / "metadata.json").read_text())["encoder"] == "sentencepiece"
+    detok, source, output = interactive(*subwords, "the company")
+    assert "<unk>" not in source[0] and "\u2581" in source[0], output[-3000:]  # before: <unk> <unk>
+    assert detok[0].startswith("the company"), detok
     assert WARNING not in output
 
 

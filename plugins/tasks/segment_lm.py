@@ -74,14 +74,14 @@ def read_metadata(data_dir: Optional[str]) -> Optional[dict]:
 
 
 def data_text_encoder(data_dir: Optional[str]) -> Optional[str]:
-    """The ``--bpe`` that turns text into the data's symbols and back: metadata.json's ``encoder``;
-    for data written before it recorded one, the encoder of its byte/char unit; None for words."""
+    """The ``--bpe`` that turns text into the data's symbols and back: metadata.json's ``encoder``; for
+    data written before it recorded one, the encoder of its unit; None for words (and without metadata)."""
     meta = read_metadata(data_dir)
     if meta is None:
         return None
     if "encoder" in meta:
         return meta["encoder"]
-    return {"byte": "byte_level", "char": "char_level"}.get(meta.get("unit"))
+    return {"byte": "byte_level", "char": "char_level", "subword": "sentencepiece"}.get(meta.get("unit"))
 
 
 def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
@@ -194,15 +194,20 @@ class SegmentLMTask(LanguageModelingTask):
         super().__init__(args, dictionary, output_dictionary, targets)
         unit = args.token_unit
         self.token_unit = guess_token_unit(utils.split_paths(args.data)[0] if args.data else None, dictionary) if unit == "auto" else unit  # fmt: skip
-        self.text_encoder = data_text_encoder(utils.split_paths(args.data)[0] if args.data else None)
+        self.data_dir = utils.split_paths(args.data)[0] if args.data else None
+        self.text_encoder = data_text_encoder(self.data_dir)
         logger.info(f"token unit: {self.token_unit}" + (f"; text encoder: {self.text_encoder}" if self.text_encoder else ""))  # fmt: skip
         install_unit_metric(self.token_unit)
 
     def build_bpe(self, args):
         """The text encoder of ``fairseq-interactive`` and the hub: the ``--bpe`` given, else the data's own
-        (metadata.json's ``encoder``: ``char_level``/``byte_level``), so text prompts work with no flag."""
+        (metadata.json's ``encoder``: ``char_level``/``byte_level``, or ``sentencepiece`` with the data's
+        ``spm.model``), so text prompts work with no flag."""
         bpe = super().build_bpe(args) if args is not None else None
-        if bpe is None and self.text_encoder:
+        if bpe is None and self.text_encoder == "sentencepiece":
+            model = os.path.join(self.data_dir, "spm.model")
+            bpe = encoders.build_bpe(Namespace(bpe="sentencepiece", sentencepiece_model=model))
+        elif bpe is None and self.text_encoder:
             bpe = encoders.build_bpe(self.text_encoder)
         return bpe
 
