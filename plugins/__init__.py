@@ -16,7 +16,7 @@ distributed.install()  # rank 0 sends a loaded checkpoint to the other ranks as 
 resume.install()  # one training per --save-dir (a lock held for the process's life)
 rank_states.install()  # every rank's stream memory in the checkpoint, each rank's back on resume
 
-from . import attention, criterions, memory, models, modules, optim, tasks  # noqa: E402,F401
+from . import attention, criterions, memory, models, modules, optim, tasks, text_encoders  # noqa: E402,F401
 from .cli import check_command_line  # noqa: E402
 
 check_command_line()  # a mistyped --arch, a --model-overrides that is no dict: one error line, before fairseq

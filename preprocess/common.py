@@ -10,7 +10,9 @@
 - ``write_*_tokens`` turn text into the token lines fairseq reads, counting tokens/characters on the way.
 - :func:`run_fairseq_preprocess` runs the real ``fairseq-preprocess --only-source`` of the active Python,
   then checks that the token count of every split is the one counted here.
-- :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters).
+- :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters, and
+  for byte/char/subword data the ``encoder``: the fairseq ``--bpe`` that turns text into these tokens and
+  back, which the ``segment_lm`` task uses when no ``--bpe`` is given).
 
 Token conventions (the contract with the training task):
 
@@ -558,7 +560,8 @@ def char_token(c: str) -> str:
     return c
 
 
-def _char_line(text: str) -> str:
+def char_line(text: str) -> str:
+    """The tokens of a text without newlines, space-separated (what fairseq-preprocess reads)."""
     if _CHAR_SPECIAL.search(text):
         return " ".join([char_token(c) for c in text])
     return " ".join(text.replace(" ", "_"))
@@ -589,7 +592,7 @@ def scan_stream(chunks: Iterable, dest: Path | None = None) -> _Scan:
                 if is_bytes:
                     out.write(b" ".join([_BYTE_TOKEN[b] for b in chunk]))
                 else:
-                    out.write(_char_line(chunk).encode("utf-8"))
+                    out.write(char_line(chunk).encode("utf-8"))
             if is_bytes:
                 byte_counts += np.bincount(np.frombuffer(chunk, dtype=np.uint8), minlength=256)
                 digest.update(chunk)
@@ -868,6 +871,11 @@ def check_binarized(dest: Path, stats: dict[str, SplitStats]) -> None:
 # metadata
 
 
+# unit -> the fairseq --bpe that writes text as this unit's tokens and back (byte/char: plugins/text_encoders.py;
+# subword: fairseq's sentencepiece with the data's spm.model)
+TEXT_ENCODERS = {"byte": "byte_level", "char": "char_level", "subword": "sentencepiece"}
+
+
 def write_metadata(
     build: Build,
     *,
@@ -888,6 +896,7 @@ def write_metadata(
         "source": source,
         "sha256": sha256,
         "fairseq_dict_size": dict_lines + 4,  # + <s> <pad> </s> <unk>
+        "encoder": TEXT_ENCODERS.get(unit),  # text <-> tokens for fairseq-interactive and the hub; words: None
         **extra,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -275,10 +275,17 @@ class EfficientLM(FairseqLanguageModel):
 
     @classmethod
     def from_pretrained(cls, model_name_or_path, checkpoint_file="model.pt", data_name_or_path=".", **kwargs):
-        """fairseq's hub interface (``sample``, ``score``, ``generate``; pass ``user_dir=<repo>/plugins``). A
+        """fairseq's hub interface (``sample``, ``score``, ``generate``; pass ``user_dir=<repo>/plugins``), with
+        text in and text out on character/byte data (``plugins/hub.py``). A
         model with memory scores a text longer than its segment in segments with the memory, as
         fairseq-eval-lm --batch-size 1 does (``EfficientDecoder.run_in_segments``)."""
-        hub = super().from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path, **kwargs)
+        from fairseq import hub_utils
+
+        from ..hub import EfficientLMHub
+
+        loaded = hub_utils.from_pretrained(model_name_or_path, checkpoint_file, data_name_or_path,
+                                           archive_map=cls.hub_models(), **kwargs)  # fmt: skip
+        hub = EfficientLMHub(loaded["args"], loaded["task"], loaded["models"])  # text in, text out
         for model in hub.models:
             if hasattr(model.decoder, "read_in_segments"):
                 model.decoder.read_in_segments = True

@@ -13,7 +13,11 @@ Differences from fairseq's ``language_modeling`` (which it extends, so sampling 
 - the criterion is ``aux_cross_entropy`` (fairseq's default ``cross_entropy`` would drop the model's
   auxiliary losses); a segment longer than the streams of a split is refused before any work;
 - ``--model-overrides`` keys that no option has are refused (fairseq ignores them), and the memory in
-  force is logged.
+  force is logged;
+- text in, text out: without ``--bpe``, ``fairseq-interactive`` (and the hub's ``sample``/``score``) use
+  the data's own text encoder named in ``metadata.json`` (``--bpe char_level``/``byte_level``,
+  ``plugins/text_encoders.py``), and a prompt symbol that is not in the dictionary is named in a
+  warning instead of silently becoming ``<unk>``.
 """
 
 import json
@@ -26,12 +30,13 @@ from typing import Optional
 
 import torch
 from fairseq import utils
-from fairseq.data import Dictionary, data_utils, iterators
+from fairseq.data import Dictionary, data_utils, encoders, iterators
 from fairseq.dataclass import ChoiceEnum
 from fairseq.dataclass.configs import FairseqConfig
 from fairseq.distributed import utils as dist_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
+from fairseq.tokenizer import tokenize_line
 from omegaconf import II, OmegaConf
 
 from .. import cli
@@ -59,11 +64,30 @@ class SegmentLMConfig(LanguageModelingConfig):
     train_subset: str = II("dataset.train_subset")
 
 
-def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
+def read_metadata(data_dir: Optional[str]) -> Optional[dict]:
+    """``<data>/metadata.json`` written by ``preprocess/``, or None."""
     meta = os.path.join(data_dir or "", "metadata.json")
     if data_dir and os.path.exists(meta):
         with open(meta) as f:
-            return json.load(f)["unit"]
+            return json.load(f)
+    return None
+
+
+def data_text_encoder(data_dir: Optional[str]) -> Optional[str]:
+    """The ``--bpe`` that turns text into the data's symbols and back: metadata.json's ``encoder``; for
+    data written before it recorded one, the encoder of its unit; None for words (and without metadata)."""
+    meta = read_metadata(data_dir)
+    if meta is None:
+        return None
+    if "encoder" in meta:
+        return meta["encoder"]
+    return {"byte": "byte_level", "char": "char_level", "subword": "sentencepiece"}.get(meta.get("unit"))
+
+
+def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
+    meta = read_metadata(data_dir)
+    if meta is not None:
+        return meta["unit"]
     # fairseq-preprocess pads the dictionary to a multiple of 8 with madeupword0000, ...: not data
     symbols = [s for s in dictionary.symbols[dictionary.nspecial :] if not s.startswith("madeupword")]
     if symbols and all(s.isdigit() and int(s) < 256 for s in symbols):
@@ -170,8 +194,49 @@ class SegmentLMTask(LanguageModelingTask):
         super().__init__(args, dictionary, output_dictionary, targets)
         unit = args.token_unit
         self.token_unit = guess_token_unit(utils.split_paths(args.data)[0] if args.data else None, dictionary) if unit == "auto" else unit  # fmt: skip
-        logger.info(f"token unit: {self.token_unit}")
+        self.data_dir = utils.split_paths(args.data)[0] if args.data else None
+        self.text_encoder = data_text_encoder(self.data_dir)
+        logger.info(f"token unit: {self.token_unit}" + (f"; text encoder: {self.text_encoder}" if self.text_encoder else ""))  # fmt: skip
         install_unit_metric(self.token_unit)
+
+    def build_bpe(self, args):
+        """The text encoder of ``fairseq-interactive`` and the hub: the ``--bpe`` given, else the data's own
+        (metadata.json's ``encoder``: ``char_level``/``byte_level``, or ``sentencepiece`` with the data's
+        ``spm.model``), so text prompts work with no flag."""
+        bpe = super().build_bpe(args) if args is not None else None
+        if bpe is None and self.text_encoder == "sentencepiece":
+            model = os.path.join(self.data_dir, "spm.model")
+            bpe = encoders.build_bpe(Namespace(bpe="sentencepiece", sentencepiece_model=model))
+        elif bpe is None and self.text_encoder:
+            bpe = encoders.build_bpe(self.text_encoder)
+        return bpe
+
+    def encode_prompt(self, symbols: str) -> torch.LongTensor:
+        """Encoded prompt (its symbols, after the text encoder) -> token ids, as fairseq's
+        ``encode_line(..., add_if_not_exist=False)``; symbols the dictionary lacks are named in one warning
+        (they become ``<unk>``, which the model reads as "some unseen symbol")."""
+        dictionary = self.source_dictionary
+        tokens = dictionary.encode_line(symbols, add_if_not_exist=False).long()
+        if bool((tokens == dictionary.unk()).any()):
+            unseen = [w for w in tokenize_line(symbols) if w != dictionary.unk_word and dictionary.index(w) == dictionary.unk()]  # fmt: skip
+            if unseen:
+                logger.warning(
+                    f"the prompt has {len(unseen)} symbol(s) not in the dictionary, read as <unk>: "
+                    + ", ".join(repr(w) for w in dict.fromkeys(unseen))
+                )
+        return tokens
+
+    def get_interactive_tokens_and_lengths(self, lines, encode_fn):
+        tokens = [self.encode_prompt(encode_fn(line)) for line in lines]
+        return tokens, [t.numel() for t in tokens]
+
+    def symbols_of(self, tokens: torch.Tensor) -> str:
+        """Token ids -> symbols for the text encoder's ``decode``: a newline inside (``</s>``) is kept, the
+        final ``</s>`` (where generation stopped) is dropped (fairseq's ``Dictionary.string`` drops every one)."""
+        dictionary = self.target_dictionary
+        if len(tokens) and int(tokens[-1]) == dictionary.eos():
+            tokens = tokens[:-1]
+        return dictionary.string(tokens, include_eos=True)
 
     def build_criterion(self, cfg):
         """``aux_cross_entropy``: cross entropy plus the model's auxiliary losses (compression, span, ...),
