@@ -16,7 +16,7 @@
 # Settings that matter (see ../shared/notes/slurm-recipe.md for how they were found):
 #   AuthInfo=cred_expire=10 + sched_interval=5: a requeued job restarts after ~15 s instead of ~130 s;
 #   CommunicationParameters=NoCtldInAddrAny,NoInAddrAny: daemons listen on the address of `hostname`,
-#   which must be 127.0.0.1 (checked below), so nothing listens on other interfaces;
+#   which must be 127.0.0.1 (checked below), so nothing listens on other interfaces (NODES>1: see below);
 #   ProctrackType=proctrack/linuxproc, TaskPlugin=task/none: no cgroups needed.
 set -euo pipefail
 ACTION="${1:?start or stop}"
@@ -78,12 +78,19 @@ MEM=$(( $(awk '/MemTotal/{print int($2/1024)}' /proc/meminfo) * 8 / 10 ))
 if [ "$NODES" = 1 ]; then
   CPUS="${CPUS:-$(nproc)}"
   NODE_CONF="NodeName=localhost NodeAddr=127.0.0.1 CPUs=$CPUS RealMemory=$MEM State=UNKNOWN"
+  COMM=NoCtldInAddrAny,NoInAddrAny
   SLURMD_FILES="SlurmdSpoolDir=$DIR/spool
 SlurmdPidFile=$DIR/run/slurmd.pid
 SlurmdLogFile=$DIR/log/slurmd.log"
 else  # several slurmd on this host: per-node files (%n = the node name), addresses and ports
   CPUS="${CPUS:-1}"
   NODE_CONF=""
+  # Without NoInAddrAny: slurmd, slurmstepd and srun listen on all addresses (still only ever addressed on
+  # 127.0.0.x). With it they listen on the address of `hostname` only, and that cannot work for several
+  # nodes on one host: a node must listen on its NodeAddr (127.0.0.2), but an srun inside a job (the
+  # submitit/sbatch job step) is called back at the source address of its connection, 127.0.0.1, while it
+  # listens on 127.0.0.2 ("connect io: Connection refused"; tried). slurmctld stays on 127.0.0.1.
+  COMM=NoCtldInAddrAny
   for ((i = 1; i <= NODES; i++)); do
     NODE_CONF+="NodeName=127.0.0.$((i + 1)) NodeHostname=127.0.0.$((i + 1)) NodeAddr=127.0.0.$((i + 1)) Port=$((SLURMD_PORT + i - 1)) CPUs=$CPUS RealMemory=$((MEM / NODES)) State=UNKNOWN
 "
@@ -100,7 +107,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=cred_expire=10
-CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
+CommunicationParameters=$COMM
 SlurmctldPort=$CTLD_PORT
 SlurmdPort=$SLURMD_PORT
 StateSaveLocation=$DIR/state
@@ -129,10 +136,9 @@ slurmctld -i -f "$SLURM_CONF"
 if [ "$NODES" = 1 ]; then
   slurmd -N localhost -f "$SLURM_CONF"
 else
-  # NoInAddrAny makes slurmd (and the slurmstepd of its jobs) listen on the address of `hostname`, so each
-  # slurmd runs in its own UTS namespace (unshare -u; the network is this host's) named by its address:
-  # node 127.0.0.2 listens on 127.0.0.2 only, and its jobs see `hostname` = 127.0.0.2. The namespace
-  # ends with its last process (nothing to remove); the daemons are stopped by pid like the others.
+  # Each slurmd runs in its own UTS namespace (unshare --uts; the network is this host's) whose hostname is
+  # its address: its jobs see `hostname` = 127.0.0.2 or 127.0.0.3, as on two machines (gloo binds each
+  # rank to the address of its hostname). The namespace ends with its last process (nothing to remove).
   for ((i = 1; i <= NODES; i++)); do
     node="127.0.0.$((i + 1))"
     mkdir -p "$DIR/spool/$node"
