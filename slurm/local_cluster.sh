@@ -10,7 +10,8 @@
 # (Slurm's several-slurmd-per-host mode, `slurmd -N`), node i is named and addressed 127.0.0.(i+1), listens on
 # its own port SLURMD_PORT+i-1 and has CPUS (default 1) CPUs: a job with --nodes=2 gets two nodes whose
 # names (`scontrol show hostnames`, which fairseq's rendezvous uses) resolve without any /etc/hosts entry.
-# All of it is on loopback addresses; the tasks of both "nodes" run on this one host (same `hostname`).
+# Each slurmd runs in its own UTS namespace whose hostname is its address (what its tasks see as `hostname`);
+# the network is this host's loopback. `stop` ends the daemons, and with them the namespaces.
 #
 # Environment: SLURM_CTLD_PORT (default 16817), SLURMD_PORT (16818), CPUS (nproc; 1 per node when NODES>1).
 # Settings that matter (see ../shared/notes/slurm-recipe.md for how they were found):
