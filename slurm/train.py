@@ -13,6 +13,8 @@ adds a huge offset to this process's training clock; with several processes fair
 clocks of all ranks at every update (an all-reduce), so every rank sees the jump at the same update
 and they stop together (a per-rank flag could stop one rank an update before the others and hang
 them). The offset is never saved: the checkpoint keeps the true training time.
+
+It also fixes fairseq's Slurm rendezvous for CPU jobs of one task per node (``slurm/cpu_nodes.py``).
 """
 
 import logging
@@ -45,6 +47,10 @@ def main(argv=None) -> int:
 
     from fairseq.trainer import Trainer
     from fairseq_cli import train as fairseq_train
+
+    from slurm import cpu_nodes
+
+    cpu_nodes.install()  # CPU jobs of one task per node: the rank and world size from SLURM_* (fairseq's are 0)
 
     seen = {}  # the trainer and its latest epoch iterator: did training end by itself?
 

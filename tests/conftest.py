@@ -6,6 +6,8 @@ the same module and nothing registers twice. Never import it through another pat
 """
 
 import argparse
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -37,6 +39,16 @@ def byte_corpus_bin(tmp: Path, scale: float = 0.02) -> Path:
     subprocess.run([sys.executable, "-m", "preprocess.text", *splits, "--level", "byte", "--binarizer", "fast",
                     "--out", out], check=True, cwd=REPO, capture_output=True)  # fmt: skip
     return out
+
+
+@contextlib.contextmanager
+def one_slurm_cluster_at_a_time():
+    """Held while a test module runs its local Slurm cluster (tests/test_slurm*.py): clusters started by
+    other pytest workers or checkouts on this machine wait, since they share munged (the first one to start
+    it stops it) and the CPUs (each two-node job takes every node)."""
+    with open("/tmp/efficient-lm-slurm-tests.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def pytest_configure(config):

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import byte_corpus_bin
+from conftest import byte_corpus_bin, one_slurm_cluster_at_a_time
 
 from recipes import experiment as experiments
 from recipes import report
@@ -380,14 +380,15 @@ def slurm_env(tmp_path_factory):
     env = {**ENV, "SLURM_CONF": str(state / "slurm.conf"), "SLURM_CTLD_PORT": str(_free_port()),
            "SLURMD_PORT": str(_free_port())}  # fmt: skip
     script = str(ROOT / "slurm" / "local_cluster.sh")
-    start = subprocess.run(["bash", script, "start", str(state)], capture_output=True, text=True, env=env, timeout=600)
-    if start.returncode == 3:  # cannot be set up here (not root, no packages, hostname): not a failure of ours
-        pytest.skip(f"real Slurm test skipped: {start.stderr.strip()}")
-    try:
-        assert start.returncode == 0, start.stdout + start.stderr
-        yield env
-    finally:
-        subprocess.run(["bash", script, "stop", str(state)], capture_output=True, env=env, timeout=120)
+    with one_slurm_cluster_at_a_time():
+        start = subprocess.run(["bash", script, "start", str(state)], capture_output=True, text=True, env=env, timeout=600)  # fmt: skip
+        if start.returncode == 3:  # cannot be set up here (not root, no packages, hostname): not a failure of ours
+            pytest.skip(f"real Slurm test skipped: {start.stderr.strip()}")
+        try:
+            assert start.returncode == 0, start.stdout + start.stderr
+            yield env
+        finally:
+            subprocess.run(["bash", script, "stop", str(state)], capture_output=True, env=env, timeout=120)
 
 
 def _wait_for(condition, timeout: float, what: str):
