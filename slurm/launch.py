@@ -18,12 +18,14 @@ unfinished runs (from ``checkpoint_last.pt``) and skips finished ones (``eval.js
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -235,13 +237,87 @@ def report(run: Run, result=None, error: BaseException = None) -> bool:
     return False
 
 
+# -- progress while a run trains ----------------------------------------------------------------------
+PROGRESS_EVERY_S = 10  # at most one progress line per run this often (and the first and last as they come)
+
+
+class LogProgress:
+    """The newest update, train loss and valid loss of a run's ``train.log`` (fairseq's ``--log-format json``
+    lines), read incrementally."""
+
+    def __init__(self, run: Run):
+        self.log, self.offset, self.partial = run.dir / "train.log", 0, ""
+        self.update = self.loss = self.valid = None
+        args = run.train_args
+        self.max_update = args[args.index("--max-update") + 1] if "--max-update" in args else "?"
+
+    def read(self) -> None:
+        if not self.log.exists():
+            return
+        with open(self.log, errors="replace") as f:
+            f.seek(self.offset)
+            text = self.partial + f.read()
+            self.offset = f.tell()
+        *lines, self.partial = text.split("\n")
+        for line in lines:
+            for tag, prefix in (("train_inner", ""), ("train", "train_"), ("valid", "valid_")):
+                if f"| {tag} | {{" in line:
+                    try:
+                        stats = json.loads(line.split(f"| {tag} | ", 1)[1])
+                    except ValueError:
+                        break
+                    self.update = stats.get(f"{prefix}num_updates", self.update)
+                    if tag == "valid":
+                        self.valid = stats.get("valid_loss", self.valid)
+                    else:
+                        self.loss = stats.get(f"{prefix}loss", self.loss)
+                    break
+
+    def line(self) -> str:
+        valid = f", valid loss {self.valid}" if self.valid is not None else ""
+        return f"update {self.update}/{self.max_update}: train loss {self.loss}{valid}"
+
+
+@contextlib.contextmanager
+def progress_lines(run: Run, every_s: float = PROGRESS_EVERY_S):
+    """While the block runs, print ``[run] update U/M: ...`` from its train.log: the first as soon as it is
+    there, then at most every ``every_s`` seconds, the last when the block ends; and when evaluation starts."""
+    stop, started = threading.Event(), time.monotonic()
+
+    def follow():
+        progress, shown, last_print, evaluating = LogProgress(run), None, 0.0, False
+        while True:
+            stopped = stop.wait(1.0)
+            progress.read()
+            due = shown is None or stopped or time.monotonic() - last_print >= every_s
+            state = (progress.update, progress.valid)
+            if progress.update is not None and state != shown and due:
+                print(f"[{run.name}] {progress.line()} ({time.monotonic() - started:.0f} s)", flush=True)
+                shown, last_print = state, time.monotonic()
+            if not evaluating and (run.dir / "eval.log").exists():
+                print(f"[{run.name}] training finished; evaluating (log: {run.dir / 'eval.log'})", flush=True)
+                evaluating = True
+            if stopped:
+                return
+
+    thread = threading.Thread(target=follow, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def run_local(runs: List[Run], max_parallel: int) -> bool:
     from slurm.job import TrainAndEvaluate
 
     def one(run):
         print(f"[{run.name}] started: {run.dir}", flush=True)
         try:
-            return report(run, TrainAndEvaluate(run)())
+            with progress_lines(run):
+                result = TrainAndEvaluate(run)()
+            return report(run, result)
         except Exception as e:  # noqa: BLE001  (reported with the log's tail; the other runs go on)
             return report(run, error=e)
 
@@ -328,6 +404,8 @@ def main(argv=None) -> int:
 
 
 def cli(argv=None) -> None:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # progress and results as they come, also into a pipe or a file
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # fairseq's and hydra's info lines are noise here
     try:
         sys.exit(main(argv))

@@ -5,6 +5,7 @@ launcher from another directory (9), output that arrives while a long step runs 
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +17,8 @@ from plugins.models.efficient_lm import EfficientLMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-ENV = {
-    **os.environ,
-    "OMP_NUM_THREADS": "1",
-    "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+ENV.pop("PYTHONUNBUFFERED", None)  # output through a pipe is tested as a user's shell has it: block-buffered
 
 pytestmark = pytest.mark.cli
 
@@ -108,6 +106,7 @@ def test_launcher_resolves_the_experiments_data_against_the_working_directory(el
 
 
 def test_launcher_data_and_out_options_from_another_directory(elsewhere):
+    """--data and --out, relative: the working directory's; missing --data: one line naming the path."""
     (elsewhere / "other").mkdir(exist_ok=True)
     (elsewhere / "other" / "bin").symlink_to(elsewhere / "data-bin")
     proc = run([sys.executable, "-m", "slurm.launch", "tiny.yaml", "--data", "other/bin", "--out", "out", "--dry-run"],
@@ -116,18 +115,68 @@ def test_launcher_data_and_out_options_from_another_directory(elsewhere):
     train, evaluate = commands["fairseq-train"], commands["fairseq-eval-lm"]
     assert train[0] == evaluate[0] == str(elsewhere / "other" / "bin")
     assert train[train.index("--save-dir") + 1] == str(elsewhere / "out" / "base" / "checkpoints")
-    missing = run([sys.executable, "-m", "slurm.launch", "tiny.yaml", "--data", "nosuch"], cwd=elsewhere, check=False)
-    line = only_error_line(missing)
+    from slurm import launch
+
+    with pytest.raises(SystemExit) as stop, pytest.MonkeyPatch.context() as patch:
+        patch.chdir(elsewhere)
+        launch.cli(["tiny.yaml", "--data", "nosuch"])
+    line = str(stop.value.code)
     assert f"data dir {elsewhere / 'nosuch'} not found" in line and "--data DIR" in line
 
 
-def test_launcher_trains_and_evaluates_from_another_directory(elsewhere):
-    """A real 2-update run: the data and the run directory are the working directory's, not the repository's."""
+@pytest.fixture(scope="module")
+def launched(elsewhere):
+    """A real 2-update run through the launcher, from ``elsewhere``, with --data and --out (relative)."""
+    return run([sys.executable, "-m", "slurm.launch", "tiny.yaml", "--data", "data-bin", "--out", "runs2"],
+               cwd=elsewhere)  # fmt: skip
+
+
+def test_launcher_trains_and_evaluates_from_another_directory(elsewhere, launched):
+    """The data and the run directory are the working directory's, not the repository's."""
     import json
 
-    proc = run([sys.executable, "-m", "slurm.launch", "tiny.yaml", "--data", "data-bin", "--out", "runs2"],
-               cwd=elsewhere)  # fmt: skip
     result = json.loads((elsewhere / "runs2" / "base" / "eval.json").read_text())
     assert result["metric"] == "bpb" and result["value"] > 0, result
-    assert f"python -m recipes.report {elsewhere / 'runs2'}" in proc.stdout
+    assert f"python -m recipes.report {elsewhere / 'runs2'}" in launched.stdout
     assert not (ROOT / "runs" / "tiny").exists()
+
+
+# ---- 12. long steps are not silent ---------------------------------------------------------------------------
+def test_launcher_prints_the_progress_of_a_run_while_it_trains(launched):
+    lines = launched.stdout.splitlines()
+    progress = [i for i, line in enumerate(lines) if line.startswith("[base] update ")]
+    done = next(i for i, line in enumerate(lines) if line.startswith("[base] done: "))
+    assert progress and progress[-1] < done, launched.stdout
+    assert lines[progress[-1]].startswith("[base] update 2/2: train loss "), lines[progress[-1]]
+
+
+def test_context_eval_prints_each_result_as_it_comes(elsewhere, launched, tmp_path):
+    """Through a pipe (as under nohup, tee or a CI log), each line arrives when it is printed, not all at the
+    end: the first result line comes well before the last (before: all at exit, block-buffered)."""
+    import time
+
+    command = [sys.executable, "-m", "recipes.context_eval", "--path", "runs2/base/checkpoints/checkpoint_best.pt",
+               "--data", "data-bin", "--lengths", "8,16,32,64,128,256", "--mode", "window", "--subset", "train",
+               "--cpu", "--out", tmp_path]  # fmt: skip
+    proc = subprocess.Popen([*map(str, command)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=ENV, cwd=elsewhere)  # fmt: skip
+    arrivals = [(time.monotonic(), line) for line in proc.stdout]
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()[-3000:]
+    results = [t for t, line in arrivals if line.startswith("  window L=")]
+    assert len(results) == 6, arrivals
+    assert results[-1] - results[0] > 0.5, [f"{t - arrivals[0][0]:.2f} {line}" for t, line in arrivals]
+
+
+def test_preprocess_shows_progress_on_its_long_steps(tmp_path, capfd, monkeypatch):
+    """Each step over a split (counting, binarizing) shows a progress bar with its count once it has taken
+    PROGRESS_DELAY_S (3 s: a big file); here from the start, on a small file."""
+    from preprocess import common, text
+
+    monkeypatch.setattr(common, "PROGRESS_DELAY_S", 0)
+    src = tmp_path / "train.txt"
+    src.write_text("hello world\n" * 2000)  # 24,000 characters
+    text.run(["--train", str(src), "--valid", str(src), "--test", str(src), "--level", "char", "--binarizer",
+              "fast", "--out", str(tmp_path / "bin")])  # fmt: skip
+    err = capfd.readouterr().err
+    for step in ("train: counting", "test: counting", "train: binarizing", "valid: binarizing"):
+        assert re.search(rf"\[preprocess\] {step}: .*24\.0kchar", err), (step, err[-2000:])
