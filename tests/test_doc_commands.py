@@ -6,12 +6,13 @@ without running anything:
 
 - ``fairseq-train`` / ``fairseq-eval-lm`` / ``fairseq-interactive``: fairseq's own parsers with the plugins
   loaded (``options.get_training_parser`` / ``get_eval_lm_parser`` / ``get_interactive_generation_parser`` +
-  ``parse_args_and_arch``), so --arch, --task,
-  --criterion and every option must be known; an ``efficient_lm`` config must also pass ``validate_config``;
+  ``parse_args_and_arch``), so --arch, --task, --criterion and every option must be known; an
+  ``efficient_lm`` config must also pass ``validate_config``;
 - ``python -m slurm.launch``: the launcher itself with ``--dry-run`` (the experiment file is loaded, every
   run's fairseq arguments parsed; missing data is only a warning there);
-- ``python -m recipes.*``: the module's ``main`` with its real argparse parser, stopped right after the
-  parse (nothing is computed).
+- ``python -m recipes.*`` / ``python -m preprocess.*``: the module's ``main`` (``run``) with its real
+  argparse parser, stopped right after the parse (nothing is computed or downloaded). ``a|b|c`` (one of)
+  stands for its first value.
 
 Data, checkpoints and run directories need not exist: the options are checked, not the run.
 """
@@ -34,8 +35,10 @@ from plugins.models.efficient_lm import validate_config
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PROGRAMS = re.compile(
-    r"^(fairseq-train|fairseq-eval-lm|fairseq-interactive|python -m slurm\.launch|python -m recipes\.[\w.]+)(\s|$)"
+    r"^(fairseq-train|fairseq-eval-lm|fairseq-interactive|python -m slurm\.launch"
+    r"|python -m (?:recipes|preprocess)\.[\w.]+)(\s|$)"
 )
+ALTERNATIVES = re.compile(r"^[\w-]+(\|[\w-]+)+$")  # `--level byte|char|word`: one of them (the first is checked)
 
 
 def code_blocks(text: str):
@@ -44,15 +47,17 @@ def code_blocks(text: str):
     for line in text.splitlines() + [""]:
         if fence is not None:
             if line.strip().startswith("```"):
-                yield block
+                if fence != "skip":
+                    yield block
                 fence, block = None, []
             else:
                 block.append(line)
         elif line.strip().startswith("```"):
+            if block:  # an indented block just before
+                yield block
             language = line.strip()[3:].strip()
-            fence = language
-            if language not in ("", "bash", "sh", "shell", "console"):
-                fence = "skip"
+            fence = language if language in ("", "bash", "sh", "shell", "console") else "skip"
+            block = []
         elif line.startswith("    "):
             block.append(line[4:])
         elif block:
@@ -73,7 +78,8 @@ def commands(page: Path):
             current = ""
         for line in joined:
             if PROGRAMS.match(line):
-                yield line, shlex.split(line, comments=True)
+                argv = shlex.split(line, comments=True)
+                yield line, [a.split("|")[0] if ALTERNATIVES.match(a) else a for a in argv]
 
 
 EXAMPLES = [(f"{page.relative_to(ROOT)}: {line[:70]}", argv) for page in PAGES for line, argv in commands(page)]
@@ -81,7 +87,7 @@ EXAMPLES = [(f"{page.relative_to(ROOT)}: {line[:70]}", argv) for page in PAGES f
 
 def test_the_examples_are_found():
     programs = {argv[0] if argv[0] != "python" else argv[2].split(".")[0] for _, argv in EXAMPLES}
-    assert {"fairseq-train", "fairseq-eval-lm", "slurm", "recipes"} <= programs, programs
+    assert {"fairseq-train", "fairseq-eval-lm", "slurm", "recipes", "preprocess"} <= programs, programs
     assert len(EXAMPLES) >= 25, len(EXAMPLES)
 
 
@@ -116,6 +122,8 @@ def parse_error(call) -> str:
         if e.code in (0, None):
             return ""
         return err.getvalue().strip() or str(e.code)
+    except Exception as e:  # noqa: BLE001  (preprocess's parser raises PreprocessError; anything else is a failure too)
+        return f"{type(e).__name__}: {e}"
     return ""
 
 
@@ -147,13 +155,15 @@ def check_python_module(argv) -> str:
             return ""
         LAUNCHED.add(key)
         return parse_error(lambda: launch.main([*args, "--dry-run"]) and None)
-    main = importlib.import_module(module).main
+    program = importlib.import_module(module)
+    main = program.run if module.startswith("preprocess.") else program.main  # run(argv): the parse, then the work
     with stop_after_parsing():
         return parse_error(lambda: main(args))
 
 
 @pytest.mark.parametrize("argv", [argv for _, argv in EXAMPLES], ids=[name for name, _ in EXAMPLES])
-def test_every_documented_command_parses(argv):
+def test_every_documented_command_parses(argv, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the docs' commands run from the repository root (--user-dir plugins, data-bin/)
     check = check_fairseq if argv[0].startswith("fairseq-") else check_python_module
     error = check(argv)
     assert not error, f"{shlex.join(argv)}\n{error}"
