@@ -7,6 +7,7 @@ its parser (``--user-dir``), before any of that: :func:`check_command_line` read
 Nothing here runs outside a ``fairseq-*`` program (e.g. under pytest or the Python hub).
 """
 
+import argparse
 import ast
 import difflib
 import json
@@ -92,14 +93,74 @@ def model_overrides(argv: Optional[List[str]] = None) -> Optional[dict]:
     return None if text is None else parse_overrides(text)
 
 
+# the parser each fairseq-* program builds before ``options.parse_args_and_arch`` (fairseq_cli/<program>.py)
+PARSERS = {
+    "fairseq-train": "get_training_parser",
+    "fairseq-eval-lm": "get_eval_lm_parser",
+    "fairseq-validate": "get_validation_parser",
+    "fairseq-generate": "get_generation_parser",
+    "fairseq-interactive": "get_interactive_generation_parser",
+}
+
+
+def complete_help(argv: List[str]) -> str:
+    """The help of ``argv`` (a fairseq-* command line) with the options of its --arch, --task, --criterion,
+    ... that fairseq's own ``--help`` leaves out: ``parse_args_and_arch`` first parses with the bare parser,
+    whose argparse help action prints and exits before the model's and task's options are added.
+    Here the same function runs without ``--help`` and the parser is printed once it is complete
+    (``modify_parser`` is called a second time just after fairseq has added those options)."""
+    from fairseq import options
+
+    parser = getattr(options, PARSERS[os.path.basename(argv[0])])()
+    parser.prog = os.path.basename(argv[0])
+    calls = []
+
+    def print_when_complete(p: argparse.ArgumentParser) -> None:
+        calls.append(p)
+        if len(calls) == 2:
+            raise _Complete(p.format_help())
+
+    try:
+        rest = [a for a in argv[1:] if a not in ("-h", "--help")]
+        options.parse_args_and_arch(parser, rest, parse_known=True, modify_parser=print_when_complete)
+    except _Complete as complete:
+        return complete.args[0]
+    return parser.format_help()  # not reached: fairseq calls modify_parser twice
+
+
+class _Complete(Exception):
+    pass
+
+
+def wants_help(argv: List[str]) -> bool:
+    return any(a in ("-h", "--help") for a in argv[1:])
+
+
+def check_generate_task(argv: Optional[List[str]] = None) -> None:
+    """fairseq-generate scores a language model's test segments as forced prefixes against a reference and
+    prints BLEU4 = 0.00: point to the tools that sample or score a language model."""
+    argv = sys.argv if argv is None else argv
+    if os.path.basename(argv[0]) == "fairseq-generate" and typed_value("--task", argv) == "segment_lm":
+        raise UserError(
+            "fairseq-generate is for translation (it scores BLEU against references); for a language model "
+            "use fairseq-interactive --task segment_lm --path CKPT (sampling from prompts), the hub "
+            "EfficientLM.from_pretrained(...).sample(text) (docs/hub.md), or fairseq-eval-lm for bpc/ppl"
+        )
+
+
 def check_command_line(argv: Optional[List[str]] = None) -> None:
     """Checks of a fairseq-* command line that need nothing but the registries (run at plugin import).
     ``--model-overrides`` given as JSON is rewritten in ``sys.argv`` as the Python literal fairseq evals
-    (``true`` -> ``True``), so fairseq-eval-lm and ``recipes.context_eval`` take the same syntax."""
+    (``true`` -> ``True``), so fairseq-eval-lm and ``recipes.context_eval`` take the same syntax.
+    ``--help`` prints the complete help (every model, attention and task option) and exits."""
     argv = sys.argv if argv is None else argv
     if not is_fairseq_cli(argv):
         return
     check_arch(argv)
+    check_generate_task(argv)
+    if wants_help(argv) and os.path.basename(argv[0]) in PARSERS:
+        print(complete_help(argv))
+        sys.exit(0)
     overrides = model_overrides(argv)
     if overrides is not None:
         for i, a in enumerate(argv):

@@ -140,6 +140,21 @@ def log(message: str) -> None:
     print(f"[preprocess] {message}", flush=True)
 
 
+PROGRESS_DELAY_S = 3  # a step shorter than this shows no progress bar
+
+
+def progress(items: Iterable, desc: str, unit: str, size: Callable = len) -> Iterator:
+    """``items`` as they are, with a progress bar on stderr (tqdm: count and rate of ``size(item)`` units)
+    once the step has taken ``PROGRESS_DELAY_S``: the steps of a big file take minutes."""
+    from tqdm import tqdm
+
+    with tqdm(desc=f"[preprocess] {desc}", unit=unit, unit_scale=True, delay=PROGRESS_DELAY_S, file=sys.stderr,
+              mininterval=1.0) as bar:  # fmt: skip
+        for item in items:
+            yield item
+            bar.update(size(item))
+
+
 # ----------------------------------------------------------------------------------------------------
 # checks done before any work
 
@@ -639,7 +654,7 @@ def preprocess_stream(
     scans: dict[str, _Scan] = {}
     for split in SPLITS:
         log(f"{split}: counting {level}s")
-        scans[split] = scan_stream(sources[split]())
+        scans[split] = scan_stream(progress(sources[split](), f"{split}: counting", level))
     train = scans["train"].counts
     for split in ("valid", "test"):  # bytes: fixed dictionary, nothing is ever <unk>
         unseen = (n for s, n in scans[split].counts.items() if s not in train and s != "\n")  # \n is </s>
@@ -657,7 +672,7 @@ def preprocess_stream(
         for split in SPLITS:
             log(f"{split}: writing {level} tokens")
             texts[split] = build.work / f"{split}.tok"
-            scan_stream(sources[split](), texts[split])
+            scan_stream(progress(sources[split](), f"{split}: writing", level), texts[split])
         srcdict = None
         if level == "byte":
             srcdict = build.work / "bytes.dict"
@@ -691,7 +706,8 @@ def preprocess_stream(
     dtype = best_fitting_int_dtype(dict_len)
     for split in SPLITS:
         log(f"{split}: binarizing")
-        write_mmap_dataset(build.dest / split, (ids(c) for c in sources[split]() if c), dtype)
+        chunks = progress(sources[split](), f"{split}: binarizing", level)
+        write_mmap_dataset(build.dest / split, (ids(c) for c in chunks if c), dtype)
         log(f"[{split}] {stats[split].tokens:,} tokens, {stats[split].oov or 0} replaced by <unk>")
     check_binarized(build.dest, stats)
     return stats, vocab_size, binarizer
@@ -791,7 +807,7 @@ def write_word_tokens(
         batch = []
 
     with open(dest, "w", encoding="utf-8") as out:
-        for raw, line in iter_lines(path, label):
+        for raw, line in progress(iter_lines(path, label), label, "line", size=lambda item: 1):
             digest.update(raw)
             stats.chars += len(line)
             if encode is None:

@@ -171,7 +171,7 @@ def evaluate_windows(model, tokens: np.ndarray, length: int, eos: int, pad: int,
     layout = SegmentStreamDataset(tokens, eos=eos, pad=pad, segment_len=length, streams_per_rank=1)
     acc = PositionLoss(length, device)
     per_batch = max(1, tokens_per_batch // length)
-    for first in range(0, len(layout), per_batch):
+    for first in progress(range(0, len(layout), per_batch), f"window L={length}", "batch"):
         items = [layout[i] for i in range(first, min(first + per_batch, len(layout)))]
         width = max(item["target"].size(1) for item in items)  # only the last window may be shorter
         src = torch.cat([_pad_to(item["net_input"]["src_tokens"], width, pad) for item in items]).to(device)  # W x L
@@ -188,12 +188,19 @@ def evaluate_streams(model, tokens: np.ndarray, length: int, eos: int, pad: int,
     layout = SegmentStreamDataset(tokens, eos=eos, pad=pad, segment_len=length, streams_per_rank=streams)
     acc = PositionLoss(length, device)
     model.reset_memory("eval")  # a new pass starts afresh (as segment_lm's validation does)
-    for i in range(len(layout)):
+    for i in progress(range(len(layout)), f"stream L={length}", "segment"):
         batch = layout[i]
         src, tgt = batch["net_input"]["src_tokens"].to(device), batch["target"].to(device)
         acc.add(*token_bits(model, src, tgt, pad, stream_offset=batch["net_input"]["stream_offset"]))
     model.reset_memory("eval")
     return acc.result()
+
+
+def progress(items, desc: str, unit: str):
+    """``items`` with a tqdm bar on stderr once a pass has taken a few seconds (a long sweep is not silent)."""
+    from tqdm import tqdm
+
+    return tqdm(items, desc=f"  {desc}", unit=unit, delay=3, leave=False, file=sys.stderr, mininterval=1.0)
 
 
 def metric_value(metric: str, loss_bits: float) -> float:
@@ -337,6 +344,8 @@ def plot_position_loss(report: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # every result line as it comes, also into a pipe or a file
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
     sys.path.insert(0, str(ROOT))

@@ -5,7 +5,7 @@ sweep and the evaluation::
 
     description: what the experiment shows (and the paper number to compare with, if any)
     base: other.yaml               # optional: start from another file (dicts merge, lists/values replace)
-    data: data-bin/ptb             # relative to the repository root, or absolute
+    data: data-bin/ptb             # relative to the working directory (as every path a user types), or absolute
     prepare: python -m preprocess.ptb --raw ../shared/data/ptb --out data-bin/ptb   # printed if data is missing
     arch: xl_tiny                  # the preset (--arch)
     train:                         # fairseq-train options without the leading --; true = a flag; null/false = unset
@@ -186,12 +186,25 @@ def distributed_port(run_dir: str) -> int:
     return 10000 + int(hashlib.sha256(run_dir.encode()).hexdigest(), 16) % 50000
 
 
-def make_runs(exp: Experiment, runs_dir: Path, sweep: bool) -> List[Run]:
+def data_dir(exp: Experiment, data: Optional[str] = None) -> Path:
+    """The data-bin of ``exp``: ``data`` (the launcher's ``--data``) or the file's ``data:``. A relative path
+    is taken against the working directory, like every path typed on a command line and like the file's
+    ``prepare:`` command, which writes there: run from the repository root (as the docs do), ``data-bin/ptb``
+    is the repository's; run from elsewhere, it is that directory's."""
+    value = data or exp.spec.get("data")
+    if not value:
+        raise UserError(f"{exp.path}: 'data' is required (or give --data DIR)")
+    return Path(value).absolute()
+
+
+def make_runs(exp: Experiment, runs_dir: Path, sweep: bool, data: Optional[str] = None) -> List[Run]:
+    """Every run of ``exp`` (the sweep's points with ``sweep``), in ``runs_dir``/<swept values>, on ``data``
+    (default: the file's ``data:``; see :func:`data_dir`)."""
     spec = exp.spec
-    for key in ("data", "arch"):
-        if not spec.get(key):
-            raise UserError(f"{exp.path}: '{key}' is required")
-    data = Path(spec["data"]) if Path(spec["data"]).is_absolute() else ROOT / spec["data"]
+    data = data_dir(exp, data)
+    if not spec.get("arch"):
+        raise UserError(f"{exp.path}: 'arch' is required")
+    runs_dir = Path(runs_dir).absolute()
     resources_spec = spec.get("resources") or {}
     unknown = set(resources_spec) - set(Resources.__dataclass_fields__)
     if unknown:
@@ -247,7 +260,7 @@ def validate(exp: Experiment, runs: List[Run], require_data: bool = True) -> Non
     data = Path(runs[0].data)
     if not (data / "dict.txt").is_file():
         hint = f": prepare it with `{exp.spec['prepare']}`" if exp.spec.get("prepare") else ""
-        message = f"{exp.path}: data dir {data} not found (no dict.txt){hint}"
+        message = f"{exp.path}: data dir {data} not found (no dict.txt){hint}, or give --data DIR"
         if require_data:
             raise UserError(message)
         print(f"warning: {message}", file=sys.stderr)
