@@ -35,6 +35,7 @@ from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
 from .persistent import PersistentMemoryConfig
+from .relative_sinusoid import sinusoid_relative_attention
 
 
 @dataclass
@@ -73,6 +74,9 @@ def relative_shift(scores: Tensor) -> Tensor:
 class RelativeAttention(Attention):
     encodes_positions = ("relative",)
     requires_own_positions = True
+    # the position term folded into one fused attention (relative_sinusoid.py) wherever that is the same
+    # function (clamp_len 0, no weights asked for); False: always the explicit path (tests compare the two)
+    fused_positions: bool = True
 
     def __init__(self, embed_dim, num_heads, dropout, cfg: RelativeAttentionConfig, pos_emb: str = "relative"):
         super().__init__(embed_dim, num_heads, dropout, cfg, pos_emb)
@@ -101,7 +105,7 @@ class RelativeAttention(Attention):
         distance = torch.arange(num_keys - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
         if self.cfg.clamp_len > 0:
             distance = distance.clamp(max=self.cfg.clamp_len)
-        r = self.r_proj(self.sinusoid(distance).to(q.dtype))  # S x D
+        r = self.r_proj(self.sinusoid(distance, q.dtype))  # S x D
         return r.view(num_keys, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
@@ -125,6 +129,13 @@ class RelativeAttention(Attention):
         if ``need_usage``. Persistent slots (``--persistent-mem-size``) get the content term only, no
         position, never masked. Beyond ``--score-chunk-elements`` the queries are processed in chunks
         (``chunking.py``), except for ``need_weights`` (the B x H x T x S weights are the result)."""
+        if self.fused_positions and self.cfg.clamp_len == 0 and not (need_weights or need_usage):
+            p = self.dropout if self.training else 0.0
+            out = sinusoid_relative_attention(
+                q, k, v, self.u, self.v, self.r_proj.weight, self.scale, p, window, self.persistent,
+                self.cfg.score_chunk_elements,
+            )  # fmt: skip
+            return out, None
         B, H, T, _ = q.shape
         S = k.size(2)
         N = 0 if self.persistent is None else self.persistent.size
