@@ -13,11 +13,17 @@ memory is the layer inputs of the previous segments (``HiddenMemory``), recomput
 weights. ``--same-length`` (used at evaluation in the paper) lets every query see exactly ``mem_len``
 keys, so early and late positions of a segment are scored with the same context length.
 
-The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
-with a gather (the paper's "relative shift", written as an explicit index for clarity).
+Two routes compute the same function, chosen per call:
 
-Beyond ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
-training (``chunking.py``): memory linear in the keys, the same function.
+- fused (the default, ``relative_sinusoid.py``): by the angle-difference identities the position term is a
+  dot product of rotated queries and keys, so the whole score is one ``scaled_dot_product_attention`` call
+  over [q + u, qt] . [k, kt]: no B x H x T x S tensor, memory linear in the keys;
+- explicit, where the fused route is not the same function or cannot give what is asked: ``--clamp-len`` > 0
+  (a clamped distance is not a rotation) and the attention weights (``most_used`` compression, analysis).
+  The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
+  with a gather (the paper's "relative shift", written as an explicit index for clarity); beyond
+  ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
+  training (``chunking.py``): memory linear in the keys, the same function.
 
 With ``--persistent-mem-size N`` (``persistent.py``) N learned key/value slots join the keys; they get the
 content term (q_i + u)^T k only.
