@@ -29,6 +29,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from plugins.attention import build_attention
 from plugins.attention.relative import RelativeAttention
 from plugins.attention.relative_sinusoid import rotated_keys, rotated_queries
+from plugins.errors import UserError
+from plugins.models.efficient_lm import validate_config
 from recipes.benchmarks.memory import worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,16 +39,16 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def pair(name: str, dtype, D: int = 16, H: int = 2, budget: int = 2**21, **options):
-    """(explicit path, fused path): the same attention twice, training mode, dropout 0."""
-    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=budget, **options)
+    """(explicit path, fused path): the same attention twice (``--relative-route explicit`` and ``fused``),
+    training mode, dropout 0."""
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=budget, relative_route="explicit", **options)
     torch.manual_seed(0)
     explicit = build_attention(name, D, H, 0.0, ns).to(dtype).train()
     with torch.no_grad():
         explicit.u.normal_()
         explicit.v.normal_()
     fused = copy.deepcopy(explicit)
-    explicit.fused_positions = False
-    assert fused.fused_positions
+    fused.cfg.relative_route = "fused"
     return explicit, fused
 
 
@@ -151,7 +153,6 @@ COMPRESSIVE_CASES = {  # mem_len 6, compression rate 2: the 3rd segment onward c
     "most-used": dict(compression_fn="most_used", compression_loss="attention_reconstruction"),  # explicit
     "mean-pool-autoencoding": dict(compression_fn="mean_pool", compression_loss="autoencoding"),
     "conv-bptt": dict(compression_fn="conv", compression_loss="bptt"),
-    "persistent": dict(compression_fn="max_pool", compression_loss="attention_reconstruction", persistent_mem_size=2),
 }
 
 
@@ -175,9 +176,13 @@ def step_by_step(model, toks):
 
 
 GENERATION_CASES = {
-    "relative": dict(attention="relative", pos_emb="relative", mem_len=32),
-    "all-attention": dict(attention="relative", pos_emb="relative", mem_len=32, persistent_mem_size=4),
-    "compressive": dict(attention="compressive", pos_emb="relative", mem_len=32, cmem_len=4, compression_rate=2),
+    "relative": dict(attention="relative", pos_emb="relative", mem_len=32, relative_route="fused"),
+    "all-attention": dict(
+        attention="relative", pos_emb="relative", mem_len=32, persistent_mem_size=4, relative_route="fused"
+    ),
+    "compressive": dict(
+        attention="compressive", pos_emb="relative", mem_len=32, cmem_len=4, compression_rate=2, relative_route="fused"
+    ),
 }
 
 
@@ -185,9 +190,8 @@ GENERATION_CASES = {
 def test_step_by_step_generation_equals_the_fused_parallel_pass(lm, case):
     """Token by token (one query over the memory) == the fused parallel pass over 13 tokens (causal mode)."""
     model = lm(**GENERATION_CASES[case]).double().eval()
-    assert all(
-        isinstance(layer.attn, RelativeAttention) and layer.attn.fused_positions for layer in model.decoder.layers
-    )
+    assert all(isinstance(layer.attn, RelativeAttention) for layer in model.decoder.layers)
+    assert all(layer.attn.cfg.relative_route == "fused" for layer in model.decoder.layers)
     with torch.no_grad():
         for layer in model.decoder.layers:
             layer.attn.v.normal_()  # a misplaced position term shows
@@ -222,12 +226,12 @@ class ScoreTensors(TorchDispatchMode):
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
 @pytest.mark.parametrize("memory", [0, 256], ids=["no-memory", "memory"])
 def test_the_default_route_builds_no_score_tensor(fused, memory):
-    """Forward + backward of one layer (T = 256 queries, S = T + M keys, D 32, 4 heads, default options) builds
+    """Forward + backward of one layer (T = 256 queries, S = T + M keys, D 32, 4 heads, default chunk budget) builds
     no H x T x S score tensor on the fused path; the explicit path (the route of before) does, which shows
     the check can fail."""
     T, D = 256, 32
     attn = build_attention("relative", D, 4, 0.0, SimpleNamespace(pos_emb="relative")).train()
-    attn.fused_positions = fused
+    attn.cfg.relative_route = "fused" if fused else "explicit"
     x = torch.randn(1, T, D, requires_grad=True)
     mem = None
     if memory:
@@ -251,8 +255,7 @@ from plugins.memory import HiddenMemory
 torch.set_num_threads(1)
 torch.manual_seed(0)
 N, M = 4096, {memory}
-attn = build_attention_module(dict(attention="relative", N=N, D=256, H=4, device="cpu", options=dict(pos_emb="relative")))
-assert attn.fused_positions
+attn = build_attention_module(dict(attention="relative", N=N, D=256, H=4, device="cpu", options=dict(pos_emb="relative", relative_route="fused")))
 mem = HiddenMemory(torch.randn(1, M, 256)) if M else None
 x = torch.randn(1, N - M, 256, requires_grad=True)
 step = lambda: attn(x, mem, M)[0].square().mean().backward()
@@ -264,9 +267,9 @@ print(json.dumps(dict(peak_mb=peak / 2**20, exact=exact)))
 @pytest.mark.parametrize("memory", [2048])
 def test_one_fused_layer_step_at_4096_keys_stays_under_the_bound(memory):
     """One relative attention layer over 4096 keys, T = M = 2048 (B 1, D 256, H 4, forward + backward, 1 thread,
-    default options: the fused path with masks in query chunks) allocates less than MEMORY_BOUND_MB at its
+    --relative-route fused: masks in query chunks) allocates less than MEMORY_BOUND_MB at its
     peak (``recipes.benchmarks.memory.peak_memory`` in a worker process with the suite's allocator settings);
-    T = S = 4096 is test_long_context.py's bound. The explicit one-pass path needs ~1.3 GB."""
+    The explicit one-pass path needs ~1.3 GB."""
     env = dict(worker_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [sys.executable, "-c", MEASURE.format(memory=memory)], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -277,3 +280,12 @@ def test_one_fused_layer_step_at_4096_keys_stays_under_the_bound(memory):
     if not result["exact"]:
         pytest.skip("/proc/self/clear_refs is not writable here: the CPU peak cannot be measured exactly")
     assert result["peak_mb"] < MEMORY_BOUND_MB, result
+
+
+def test_the_fused_route_is_refused_with_clamp_len(lm_config):
+    """A clamped distance is not a rotation: asking for the fused route with --clamp-len is an error."""
+    for attention in ("relative", "compressive"):
+        cfg = lm_config(attention=attention, pos_emb="relative", relative_route="fused", clamp_len=4)
+        with pytest.raises(UserError, match="--relative-route fused is not the same function with --clamp-len"):
+            validate_config(cfg)
+        validate_config(lm_config(attention=attention, pos_emb="relative", relative_route="fused"))

@@ -1,6 +1,6 @@
 """Transformer-XL's relative attention as ONE fused softmax attention, by the sinusoid identity.
 
-The score of query i over key j (Dai et al. 2019, Sec. 3.3; ``relative.py``), per head h::
+The score of query i over key j (Dai et al. 2019, arXiv 1901.02860, Sec. 3.3; ``relative.py``), per head h::
 
     A_ij = scale * [ (q_i + u)^T k_j  +  (q_i + v)^T W_R^h r_(i-j) ]
 
@@ -26,11 +26,18 @@ score, position or weight tensor, so the memory is linear in the keys (the fused
 the weights). Positions i, j count from the first key of the window (memory included), so the angles stay
 below S radians; they are taken in float64 and cast to the model's dtype after the sine and cosine.
 
-Masks: T = S (no memory) is the kernel's own causal mode (``is_causal``, no mask tensor). With memory or a
-``--same-length`` window, on CPU the queries are processed in chunks of C with a boolean C x S mask each (C from
-``--score-chunk-elements``, counted per sequence: the mask has no heads); on CUDA the memory's causal mask is
-``causal_lower_right`` (the efficient kernel, no tensor). Persistent slots (``--persistent-mem-size``) join the
-keys with kt = 0 (content term only) and are never masked.
+Masks: T = K (no memory, no slots) is the kernel's own causal mode (``is_causal``, no mask tensor); one query
+sees every key (no mask). Otherwise (memory, persistent slots, a ``--same-length`` window) the queries are
+processed in chunks of C with a boolean C x K' mask each (K' <= K: the keys the chunk may see), C x K' at most
+``--score-chunk-elements`` (the CPU kernel turns the mask into a float tensor of that size, shared by the
+heads); on CUDA, without a window, the memory's causal mask is ``causal_lower_right`` (the efficient kernel, no
+tensor). Persistent slots (``--persistent-mem-size``) join the keys first with kt = 0 (content term only) and
+are never masked. Adaptive span (``adaptive_span.py``) learns its own position embedding: not this file's.
+
+Cost: the scores take Dh + D (not Dh) products per query-key pair and head, (1 + H) x D over all heads,
+and the values are padded to the same width: more arithmetic than the explicit path's ~3 x D as soon as
+H >= 2, for no T x S memory traffic. ``--relative-route auto`` therefore takes this route on CUDA only
+(docs/long-context.md has the CPU measurements).
 
 Exactly the same function as the explicit path (``relative.py``), checked on values and gradients in
 tests/test_relative_sinusoid.py. Not covered, so kept on the explicit path by ``RelativeAttention``:
@@ -86,22 +93,31 @@ def sinusoid_relative_attention(
     q: B x H x T x Dh, k, v: B x H x S x Dh, u, pos_bias (v of the paper): H x Dh, r_weight: W_R (D x D, the
     ``r_proj`` weight), persistent: ``PersistentMemory`` or None, mask_budget: the largest C x K boolean mask
     built at once (0: one mask for all queries)."""
-    B, H, T, Dh = q.shape
-    S = k.size(2)
+    H, Dh = q.size(1), q.size(3)
     D = r_weight.size(1)
-    Fq = D // 2  # odd D: the encoding's last (zero) column meets nothing
-    p = torch.einsum("bhtd,hde->bhte", q + pos_bias[:, None], r_weight.view(H, Dh, D)[..., : 2 * Fq])  # B x H x T x 2F
-    qt = rotated_queries(p, S - T, q.dtype)  # B x H x T x 2F
-    kt = rotated_keys(S, Fq, q.device, q.dtype).expand(B, H, S, 2 * Fq)  # B x H x S x 2F
+    W = r_weight.view(H, Dh, D)[..., : 2 * (D // 2)]  # H x Dh x 2F (odd D: the table's zero column meets nothing)
     N = 0
-    if persistent is not None:  # slots first, content only: kt = 0
+    if persistent is not None:  # slots first, content only (kt = 0 below)
         k, v, _ = persistent.prepend(k, v)  # B x H x K x Dh
         N = persistent.size
-        kt = F.pad(kt, (0, 0, N, 0))  # B x H x K x 2F
+    return fused_attention(q, k, v, u, pos_bias, W, N, scale, dropout, window, mask_budget)
+
+
+def fused_attention(
+    q: Tensor, k: Tensor, v: Tensor, u: Tensor, pos_bias: Tensor, W: Tensor, N: int, scale: float, dropout: float,
+    window: Optional[int], mask_budget: int,
+) -> Tensor:  # fmt: skip
+    """``sinusoid_relative_attention`` with W: W_R by head (H x Dh x 2F), the first N of the K keys being
+    persistent slots."""
+    B, H, T, Dh = q.shape
+    K = k.size(2)
+    S, Fq = K - N, W.size(2) // 2
+    p = torch.einsum("bhtd,hde->bhte", q + pos_bias[:, None], W)  # B x H x T x 2F
+    qt = rotated_queries(p, S - T, q.dtype)  # B x H x T x 2F
+    kt = F.pad(rotated_keys(S, Fq, q.device, q.dtype), (0, 0, N, 0))  # K x 2F (slots: 0)
     query = torch.cat([q + u[:, None], qt], dim=-1)  # B x H x T x (Dh + 2F)
-    key = torch.cat([k, kt], dim=-1)  # B x H x K x (Dh + 2F)
-    value = F.pad(v, (0, 2 * Fq))  # B x H x K x (Dh + 2F): the kernels want one head width
-    K = N + S
+    key = torch.cat([k, kt.expand(B, H, K, 2 * Fq)], dim=-1)  # B x H x K x (Dh + 2F)
+    value = F.pad(v, (0, 2 * Fq))  # B x H x K x (Dh + 2F): the CPU kernel wants one head width
 
     def attend(query, key, value, **mask):
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scale, **mask)
@@ -118,7 +134,7 @@ def sinusoid_relative_attention(
     chunk = query_chunk_size(1, T, K, mask_budget)
     outs = []
     for t0, t1 in chunk_bounds(T, chunk):
-        hi = N + S - T + t1  # keys after the chunk's last query are masked for all of it: left out
+        hi = K - T + t1  # keys after the chunk's last query are masked for all of it: left out
         lo = 0 if window is None or N else max(0, S - T + t0 - window + 1)  # and those before every window
         allowed = key_mask(t0, t1, T, S, N, lo, hi, window, q.device)  # C x (hi - lo)
         outs.append(attend(query[:, :, t0:t1], key[:, :, lo:hi], value[:, :, lo:hi], attn_mask=allowed))

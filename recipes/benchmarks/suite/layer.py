@@ -36,13 +36,12 @@ VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
         ),
     ],  # the paper's L
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
-    # the fused sinusoid-identity path (the default, relative_sinusoid.py) vs the explicit position term it
-    # replaces, in query chunks and in one O(T x S) pass, paired in the same run. --clamp-len N clamps nothing
-    # (distances are < N) but is not a rotation, so it keeps the explicit path: the same function.
+    # --relative-route auto (explicit in query chunks on CPU), fused (the sinusoid identity, one SDPA call) and
+    # the explicit one-pass O(T x S) path, paired in the same run
     "relative": [
         ("", {}),
-        ("explicit, chunked", {"clamp_len": "N"}),
-        ("explicit, one pass", {"clamp_len": "N", "score_chunk_elements": 0}),
+        ("fused", {"relative_route": "fused"}),
+        ("explicit, one pass", {"relative_route": "explicit", "score_chunk_elements": 0}),
     ],
 }
 
@@ -53,7 +52,6 @@ def sqrt_stride(n: int) -> int:
 
 
 LENGTH_DEPENDENT = {  # option values that depend on the length N
-    "N": lambda n: n,
     "sqrt N": sqrt_stride,
     "8, <= sqrt N / 2": lambda n: min(8, sqrt_stride(n) // 2),  # two summary blocks of c fit in the stride
 }
