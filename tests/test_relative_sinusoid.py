@@ -225,7 +225,7 @@ class ScoreTensors(TorchDispatchMode):
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
 @pytest.mark.parametrize("memory", [0, 256], ids=["no-memory", "memory"])
-def test_the_default_route_builds_no_score_tensor(fused, memory):
+def test_the_fused_route_builds_no_score_tensor(fused, memory):
     """Forward + backward of one layer (T = 256 queries, S = T + M keys, D 32, 4 heads, default chunk budget) builds
     no H x T x S score tensor on the fused path; the explicit path (the route of before) does, which shows
     the check can fail."""
