@@ -126,7 +126,7 @@ def hand_weights(attn, x, context):
     q = attn.q_proj(x).view(B, T, H, Dh)
     k = attn.kv_proj(ctx).chunk(2, dim=-1)[0].view(B, S, H, Dh)
     distance = ((S - T + torch.arange(T))[:, None] - torch.arange(S)[None, :]).clamp(min=0)  # T x S
-    w_r = attn.r_proj(attn.sinusoid(torch.arange(S)).to(x.dtype)).view(S, H, Dh)  # W_R r_d
+    w_r = attn.r_proj(attn.sinusoid(torch.arange(S), x.dtype)).view(S, H, Dh)  # W_R r_d
     content = torch.einsum("bthd,bshd->bhts", q + attn.u, k)  # (a) + (c)
     position = torch.einsum("bthd,tshd->bhts", q + attn.v, w_r[distance])  # (b) + (d)
     allowed = torch.arange(S)[None, :] <= (S - T + torch.arange(T))[:, None]

@@ -45,6 +45,8 @@ def pair(name: str, budget: int, dtype, **options):
         for p in (getattr(one, "u", None), getattr(one, "v", None)):
             if p is not None:
                 p.normal_()
+    if hasattr(one.cfg, "relative_route"):  # relative, compressive: the explicit path, the one chunking.py splits
+        one.cfg.relative_route = "explicit"  # (the fused route, relative_sinusoid.py: test_relative_sinusoid.py)
     chunked = copy.deepcopy(one)
     chunked.cfg.score_chunk_elements = budget
     return one, chunked
@@ -232,7 +234,8 @@ def test_a_negative_chunk_budget_is_refused(lm_config):
 
 
 # ---- memory -----------------------------------------------------------------------------------------------
-MEMORY_BOUND_MB = 256  # measured here without warm-up: one pass 1,280 MB, chunked (default budget) 168 MB
+MEMORY_BOUND_MB = 256  # measured here without warm-up: one pass 1,280 MB, chunked (default budget) 168 MB; the
+# fused route (--relative-route fused): test_relative_sinusoid.py
 MEASURE = """
 import json, torch
 from recipes.benchmarks.memory import peak_memory
@@ -252,8 +255,9 @@ print(json.dumps(dict(peak_mb=peak / 2**20, exact=exact)))
 @pytest.mark.parametrize("attention", ["relative"])
 def test_one_layer_step_at_4096_positions_stays_under_the_bound(attention):
     """One relative attention layer (the suite's layer case: B 1, T = S = 4096, D 256, H 4, forward + backward,
-    1 thread) allocates less than MEMORY_BOUND_MB at its peak (``recipes.benchmarks.memory.peak_memory`` in a
-    worker process with the suite's allocator settings). The one-pass path needs ~1.3 GB."""
+    1 thread, default options: the explicit route on CPU) allocates less than MEMORY_BOUND_MB at its peak
+    (``recipes.benchmarks.memory.peak_memory`` in a worker process with the suite's allocator settings). The
+    explicit one-pass path needs ~1.3 GB."""
     env = dict(worker_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     done = subprocess.run(
         [sys.executable, "-c", MEASURE.format(attention=attention)], cwd=ROOT, env=env, capture_output=True,

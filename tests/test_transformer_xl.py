@@ -87,7 +87,7 @@ def reference_relative_attention(attn: RelativeAttention, x, mem, allowed: torch
     distance = distance.clamp(min=0)  # future keys are masked anyway
     if attn.cfg.clamp_len > 0:
         distance = distance.clamp(max=attn.cfg.clamp_len)
-    w_r = attn.r_proj(attn.sinusoid(torch.arange(S)).to(x.dtype)).view(S, H, Dh)  # W_R r_d, d = 0..S-1
+    w_r = attn.r_proj(attn.sinusoid(torch.arange(S), x.dtype)).view(S, H, Dh)  # W_R r_d, d = 0..S-1
     content = torch.einsum("bthd,bshd->bhts", q + attn.u, k)  # (a) + (c)
     position = torch.einsum("bthd,tshd->bhts", q + attn.v, w_r[distance])  # (b) + (d)
     scores = (content + position) / math.sqrt(Dh)
@@ -152,6 +152,7 @@ def test_sinusoid_table_is_the_formula():
     attn = make_attention()
     d = torch.arange(80)
     torch.testing.assert_close(attn.sinusoid(d).double(), sinusoid_formula(d, 16), rtol=0, atol=2e-5)  # float32
+    torch.testing.assert_close(attn.sinusoid(d, torch.float64), sinusoid_formula(d, 16), rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("T, S", [(1, 1), (4, 4), (3, 7), (5, 6), (1, 9)])

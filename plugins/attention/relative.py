@@ -13,11 +13,21 @@ memory is the layer inputs of the previous segments (``HiddenMemory``), recomput
 weights. ``--same-length`` (used at evaluation in the paper) lets every query see exactly ``mem_len``
 keys, so early and late positions of a segment are scored with the same context length.
 
-The position term is computed for the S distances once (S x D, not T x S x D) and realigned per query
-with a gather (the paper's "relative shift", written as an explicit index for clarity).
+Two routes compute the same function (``--relative-route``; tests/test_relative_sinusoid.py compares them):
 
-Beyond ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
-training (``chunking.py``): memory linear in the keys, the same function.
+- fused (``relative_sinusoid.py``): by the angle-difference identities the position term is a dot product of
+  rotated queries and keys, so the whole score is one ``scaled_dot_product_attention`` call over
+  [q + u, qt] . [k, kt] (Dh + D dimensions per head): no B x H x T x S tensor. Not with ``--clamp-len`` > 0 (a
+  clamped distance is not a rotation), nor where the attention weights are needed (``most_used``
+  compression, analysis): those calls take the explicit route;
+- explicit: the position term is computed for the S distances once (S x D, not T x S x D) and realigned per
+  query with a gather (the paper's "relative shift", written as an explicit index for clarity); beyond
+  ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
+  training (``chunking.py``): memory linear in the keys, the same function.
+
+``auto`` (the default) takes the fused route on CUDA and the explicit one on CPU, where it was measured faster
+and lighter: the fused route does T x S x (Dh + D) work per head, i.e. (1 + H) x D per query-key pair over
+all heads, against about 3 x D for the explicit one (docs/long-context.md).
 
 With ``--persistent-mem-size N`` (``persistent.py``) N learned key/value slots join the keys; they get the
 content term (q_i + u)^T k only.
@@ -28,13 +38,18 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from fairseq.dataclass import ChoiceEnum
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
 from .persistent import PersistentMemoryConfig
+from .relative_sinusoid import sinusoid_relative_attention
+
+RELATIVE_ROUTES = ("auto", "fused", "explicit")
 
 
 @dataclass
@@ -48,6 +63,13 @@ class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig, ChunkedSc
         default=False, metadata={"help": "every query attends to exactly mem_len keys (Transformer-XL evaluation)"}
     )
     untie_r: bool = field(default=False, metadata={"help": "one pair of position biases u, v per layer"})
+    relative_route: ChoiceEnum(RELATIVE_ROUTES) = field(
+        default="auto",
+        metadata={"help": "how the position term is computed, the same function either way: fused (one fused "
+                  "attention call by the sinusoid identity, no T x S tensor; not with --clamp-len), explicit "
+                  "(the T x S position term, in query chunks), or auto: fused on CUDA, explicit on CPU (where "
+                  "it is measured faster and lighter with 2 heads or more: docs/long-context.md)"},
+    )  # fmt: skip
 
 
 def same_length_mask(num_queries: int, num_keys: int, window: int, device=None) -> Tensor:
@@ -84,6 +106,20 @@ class RelativeAttention(Attention):
     @classmethod
     def check_config(cls, cfg) -> None:
         check_chunk_config(cfg)
+        route = getattr(cfg, "relative_route", "auto")
+        if route not in RELATIVE_ROUTES:
+            raise UserError(f"unknown --relative-route '{route}': choose one of {', '.join(RELATIVE_ROUTES)}")
+        if route == "fused" and cfg.clamp_len > 0:
+            raise UserError("--relative-route fused is not the same function with --clamp-len > 0 (a clamped "
+                            "distance is not a rotation): use --relative-route auto or explicit")  # fmt: skip
+
+    def fused_route(self, q: Tensor) -> bool:
+        """Whether the position term goes through the fused sinusoid-identity call (``--relative-route``);
+        never with ``--clamp-len`` > 0, where it would not be the same function."""
+        route = self.cfg.relative_route
+        if self.cfg.clamp_len > 0 or route == "explicit":
+            return False
+        return route == "fused" or q.device.type == "cuda"
 
     def share_with(self, first: "RelativeAttention") -> None:
         if not self.cfg.untie_r:
@@ -101,7 +137,7 @@ class RelativeAttention(Attention):
         distance = torch.arange(num_keys - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
         if self.cfg.clamp_len > 0:
             distance = distance.clamp(max=self.cfg.clamp_len)
-        r = self.r_proj(self.sinusoid(distance).to(q.dtype))  # S x D
+        r = self.r_proj(self.sinusoid(distance, q.dtype))  # S x D
         return r.view(num_keys, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
@@ -125,6 +161,13 @@ class RelativeAttention(Attention):
         if ``need_usage``. Persistent slots (``--persistent-mem-size``) get the content term only, no
         position, never masked. Beyond ``--score-chunk-elements`` the queries are processed in chunks
         (``chunking.py``), except for ``need_weights`` (the B x H x T x S weights are the result)."""
+        if not (need_weights or need_usage) and self.fused_route(q):  # the weights need the explicit path
+            p = self.dropout if self.training else 0.0
+            out = sinusoid_relative_attention(
+                q, k, v, self.u, self.v, self.r_proj.weight, self.scale, p, window, self.persistent,
+                self.cfg.score_chunk_elements,
+            )  # fmt: skip
+            return out, None
         B, H, T, _ = q.shape
         S = k.size(2)
         N = 0 if self.persistent is None else self.persistent.size

@@ -33,11 +33,15 @@ class SinusoidalPositions(nn.Module):
         super().__init__()
         self.embed_dim = embed_dim
 
-    def forward(self, positions: Tensor) -> Tensor:  # positions: T -> T x D (float32 whatever the model dtype)
+    def forward(self, positions: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:  # T -> T x D
+        """The encodings in ``dtype``, computed in float32 (float64 for a float64 ``dtype``, so that float64
+        models are exact to float64 precision)."""
         half = self.embed_dim // 2
-        inv_freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / max(half, 1))
-        angles = positions.float()[:, None] * inv_freq[None, :]  # T x D/2
-        pe = torch.cat([angles.sin(), angles.cos()], dim=-1)
+        compute = torch.float64 if dtype == torch.float64 else torch.float32
+        arange = torch.arange(half, device=positions.device, dtype=compute)
+        inv_freq = torch.exp(-math.log(10000.0) * arange / max(half, 1))
+        angles = positions.to(compute)[:, None] * inv_freq[None, :]  # T x D/2
+        pe = torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
         if pe.size(-1) < self.embed_dim:  # odd D
             pe = torch.nn.functional.pad(pe, (0, 1))
         return pe

@@ -36,8 +36,13 @@ VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
         ),
     ],  # the paper's L
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
-    # query chunks (the default) vs the one-pass O(T x S) path they replace, paired in the same run
-    "relative": [("", {}), ("one pass", {"score_chunk_elements": 0})],
+    # --relative-route auto (explicit in query chunks on CPU), fused (the sinusoid identity, one SDPA call) and
+    # the explicit one-pass O(T x S) path, paired in the same run
+    "relative": [
+        ("", {}),
+        ("fused", {"relative_route": "fused"}),
+        ("explicit, one pass", {"relative_route": "explicit", "score_chunk_elements": 0}),
+    ],
 }
 
 
