@@ -23,13 +23,12 @@ def test_memory_restored_from_a_cpu_checkpoint_runs_on_the_gpu(lm):
 
 @pytest.mark.parametrize("case", ["no-memory", "memory", "same-length", "persistent"])
 def test_fused_relative_attention_on_the_gpu_is_the_explicit_path(case):
-    """``--relative-route auto`` takes the fused route on CUDA (memory: ``causal_lower_right``): the same
+    """``--relative-route fused`` on CUDA (memory: ``causal_lower_right``): the same
     outputs and gradients as the explicit route, float64 (tests/test_relative_sinusoid.py has the CPU cases)."""
     from tests.test_relative_sinusoid import RELATIVE_CASES, TOLERANCE, pair, run, segments
 
     options, lengths, keep, D, H, budget = RELATIVE_CASES[case]
     explicit, fused = pair("relative", torch.float64, D=D, H=H, budget=budget, **options)
-    fused.cfg.relative_route = "auto"
     explicit, fused = explicit.cuda(), fused.cuda()
     xs = [x.detach().cuda().requires_grad_() for x in segments(lengths, torch.float64, D=D)]
     a, b = run(explicit, xs, keep), run(fused, xs, keep)
