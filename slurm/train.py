@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     saved_argv, sys.argv = sys.argv, ["fairseq-train", *argv]
     try:
         fairseq_train.cli_main()
+        release_process_group()
     finally:
         fairseq_train.Trainer, sys.argv = original, saved_argv
         # a stop asked after training ended has nothing left to do: ignored, not the default (which kills)
@@ -85,6 +86,18 @@ def main(argv=None) -> int:
         logger.info("training had reached its end when the stop was asked: finished (exit 0), nothing to resume")
         return 0
     return PREEMPTED if requested["stop"] else 0
+
+
+def release_process_group() -> None:
+    """After training ended on every rank: wait for all ranks, then tear the process group down before the
+    interpreter exits. fairseq leaves it alive; a rank whose peers already exited could then abort in gloo's
+    threads at exit ("terminate called without an active exception", seen on a 2-node CPU job), failing the
+    job step after a complete training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def finished(seen: dict) -> bool:

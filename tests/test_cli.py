@@ -80,12 +80,12 @@ def test_train_then_eval_lm_reports_the_validation_loss(data_bin, tmp_path, extr
 
 def test_sampling_with_fairseq_interactive(data_bin, tmp_path):
     fairseq("fairseq-train", data_bin, *TRAIN, "--max-update", "10", "--save-dir", tmp_path)
-    prompt = " ".join(str(b) for b in b"ticket 12")
+    prompt = " ".join(str(b) for b in b"ticket 12")  # the symbols of the text typed in (byte data)
     for extra in (["--sampling", "--sampling-topk", "5", "--beam", "1"], ["--beam", "3", "--nbest", "2"]):
         proc = subprocess.run(
             [str(BIN / "fairseq-interactive"), str(data_bin), "--user-dir", PLUGINS, "--task", "segment_lm",
              "--path", str(tmp_path / "checkpoint_last.pt"), "--max-len-b", "20", "--cpu", *extra],
-            input=prompt + "\n", capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+            input="ticket 12\n", capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]
         hypos = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-0")]

@@ -307,12 +307,12 @@ def test_train_eval_lm_and_sample_with_state(data_bin, tmp_path):  # noqa: F811
     assert "linear" in train.stdout and "LinearAttention" in train.stdout
     valid_bpb = last_valid(train.stdout, "bpb")
     assert abs(eval_lm_loss(eval_lm_on_valid(data_bin, tmp_path / "checkpoint_best.pt")) - valid_bpb) < 6e-4
-    prompt = " ".join(str(b) for b in b"ticket 12")
+    prompt = " ".join(str(b) for b in b"ticket 12")  # the symbols of the text typed in (byte data)
     proc = subprocess.run(
         [str(BIN / "fairseq-interactive"), str(data_bin), "--user-dir", PLUGINS, "--task", "segment_lm",
          "--path", str(tmp_path / "checkpoint_last.pt"), "--max-len-b", "20", "--cpu",
          "--sampling", "--sampling-topk", "5", "--beam", "2", "--nbest", "2"],
-        input=prompt + "\n", capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
+        input="ticket 12\n", capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     hypos = [line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-0")]

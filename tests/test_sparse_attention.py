@@ -383,10 +383,10 @@ def test_sparse_tiny_trains_evaluates_and_generates(tmp_path):
     assert valid and loss, (train.stdout[-2000:], evaluated.stderr[-2000:])
     assert abs(float(loss.group(1)) - float(valid[-1])) < 6e-4
 
-    prompt = " ".join(str(b) for b in b"ticket 12")
+    prompt = " ".join(str(b) for b in b"ticket 12")  # the symbols of the text typed in (byte data)
     proc = fairseq(
         "fairseq-interactive", data, "--user-dir", ROOT / "plugins", "--task", "segment_lm", "--path",
-        save / "checkpoint_last.pt", "--max-len-b", "30", "--cpu", "--beam", "2", stdin=prompt + "\n",
+        save / "checkpoint_last.pt", "--max-len-b", "30", "--cpu", "--beam", "2", stdin="ticket 12\n",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     hypo = next(line.split("\t") for line in proc.stdout.splitlines() if line.startswith("H-0"))
