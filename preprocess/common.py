@@ -10,7 +10,8 @@
 - ``write_*_tokens`` turn text into the token lines fairseq reads, counting tokens/characters on the way.
 - :func:`run_fairseq_preprocess` runs the real ``fairseq-preprocess --only-source`` of the active Python,
   then checks that the token count of every split is the one counted here.
-- :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters).
+- :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters, the
+  dictionary's size and sha256: ``segment_lm`` checks the ``.idx``/``.bin``/``dict.txt`` against them).
 
 Token conventions (the contract with the training task):
 
@@ -888,6 +889,7 @@ def write_metadata(
         "source": source,
         "sha256": sha256,
         "fairseq_dict_size": dict_lines + 4,  # + <s> <pad> </s> <unk>
+        "dict_sha256": sha256_file(build.dest / "dict.txt"),  # training checks dict.txt against it
         **extra,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -13,10 +13,11 @@ Differences from fairseq's ``language_modeling`` (which it extends, so sampling 
 - the criterion is ``aux_cross_entropy`` (fairseq's default ``cross_entropy`` would drop the model's
   auxiliary losses); a segment longer than the streams of a split is refused before any work;
 - ``--model-overrides`` keys that no option has are refused (fairseq ignores them), and the memory in
-  force is logged.
+  force is logged;
+- the binarized data is checked before any work, and every checkpoint carries a fingerprint of the
+  dictionary and the training data, compared when it is loaded (``plugins/data_integrity.py``).
 """
 
-import json
 import logging
 import os
 import re
@@ -34,7 +35,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageModelingTask
 from omegaconf import II, OmegaConf
 
-from .. import cli
+from .. import cli, data_integrity
 from ..criterions.aux_cross_entropy import UNIT_METRIC
 from ..errors import UserError
 from .stream_dataset import SegmentStreamDataset, flat_tokens
@@ -60,10 +61,9 @@ class SegmentLMConfig(LanguageModelingConfig):
 
 
 def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
-    meta = os.path.join(data_dir or "", "metadata.json")
-    if data_dir and os.path.exists(meta):
-        with open(meta) as f:
-            return json.load(f)["unit"]
+    meta = data_integrity.read_metadata(data_dir) if data_dir else None
+    if meta is not None and meta.get("unit") in TOKEN_UNITS:
+        return meta["unit"]
     # fairseq-preprocess pads the dictionary to a multiple of 8 with madeupword0000, ...: not data
     symbols = [s for s in dictionary.symbols[dictionary.nspecial :] if not s.startswith("madeupword")]
     if symbols and all(s.isdigit() and int(s) < 256 for s in symbols):
@@ -160,10 +160,12 @@ class SegmentLMTask(LanguageModelingTask):
         if not os.path.exists(dict_path):
             raise UserError(f"'{args.data}' has no dict.txt: it is not a fairseq-preprocess output directory")
         try:
-            Dictionary.load(dict_path)  # fairseq raises a bare Exception/RuntimeError/ValueError with a traceback
+            dictionary = Dictionary.load(dict_path)  # fairseq raises a bare Exception/... with a traceback
         except Exception as e:
             reason = " ".join(str(e).split(". ")[0].split())
             raise UserError(f"{dict_path} is not a valid dictionary ({reason}): binarize the data again") from None
+        for data_dir in utils.split_paths(args.data):
+            data_integrity.check_data_dir(data_dir, dictionary)  # .idx/.bin/dict.txt vs metadata.json
         return super().setup_task(args, **kwargs)
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
@@ -172,6 +174,27 @@ class SegmentLMTask(LanguageModelingTask):
         self.token_unit = guess_token_unit(utils.split_paths(args.data)[0] if args.data else None, dictionary) if unit == "auto" else unit  # fmt: skip
         logger.info(f"token unit: {self.token_unit}")
         install_unit_metric(self.token_unit)
+
+    def data_fingerprint(self) -> dict:
+        """The dictionary's and the training data's fingerprints (``plugins/data_integrity.py``)."""
+        if getattr(self, "_data_fingerprint", None) is None:
+            data_dir = utils.split_paths(self.args.data)[0]
+            self._data_fingerprint = data_integrity.fingerprint(self.dictionary, data_dir, self.args.train_subset)
+        return self._data_fingerprint
+
+    def state_dict(self):
+        """What fairseq saves as the checkpoint's ``task_state``: the data fingerprint, added."""
+        return {**super().state_dict(), "data_fingerprint": self.data_fingerprint()}
+
+    def load_state_dict(self, state_dict):
+        """Called by fairseq-eval-lm, fairseq-interactive, fairseq-generate and the hub with a checkpoint's
+        ``task_state``: a model trained with another dictionary is refused."""
+        state_dict = dict(state_dict or {})
+        saved = state_dict.pop("data_fingerprint", None)
+        data_dir = utils.split_paths(self.args.data)[0]
+        checkpoint = cli.typed_value("--path") or "the checkpoint"
+        data_integrity.compare(saved, self.data_fingerprint(), checkpoint, data_dir, resume=False)
+        super().load_state_dict(state_dict)
 
     def build_criterion(self, cfg):
         """``aux_cross_entropy``: cross entropy plus the model's auxiliary losses (compression, span, ...),
