@@ -6,7 +6,8 @@
   :func:`locate_members` finds the split files in a ``.zip``, a tar (``.tgz``, ``.tar.gz``, ...), a
   directory (files may be ``.xz``/``.gz``/``.bz2`` compressed) or a single (compressed) file.
 - :class:`Build` builds into a temporary sibling of ``--out`` and renames it into place at the end, so
-  an interrupted run never leaves a half-written ``--out``; a non-empty ``--out`` is never touched.
+  an interrupted run never leaves a half-written ``--out``; a non-empty ``--out`` is never touched. What
+  a SIGKILLed run leaves (the sibling; its ``fairseq-preprocess`` child dies with it) goes at the next run.
 - ``write_*_tokens`` turn text into the token lines fairseq reads, counting tokens/characters on the way.
 - :func:`run_fairseq_preprocess` runs the real ``fairseq-preprocess --only-source`` of the active Python,
   then checks that the token count of every split is the one counted here.
@@ -34,6 +35,8 @@ import argparse
 import bz2
 import codecs
 import contextlib
+import fcntl
+import glob
 import gzip
 import hashlib
 import importlib.util
@@ -179,13 +182,17 @@ def check_utf8(path: Path, label: str) -> None:
 
 class Build:
     """``with Build(out) as b:`` gives ``b.work`` (scratch) and ``b.dest`` (future ``out``); ``b.commit()``
-    renames ``b.dest`` to ``out``. The temporary directory is removed in every case."""
+    renames ``b.dest`` to ``out``. The temporary directory is removed in every case but SIGKILL; the
+    directory a killed run left (``.<out>.tmp-*``, its lock free) is removed by the next run."""
 
     def __init__(self, out: Path):
         self.out = out.expanduser().absolute()
         check_out(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(self.out)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._lock = os.open(self.tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until this process ends, however it ends
         self.work = self.tmp / "work"
         self.dest = self.tmp / "out"
         self.work.mkdir()
@@ -197,6 +204,7 @@ class Build:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        os.close(self._lock)
 
     def commit(self) -> None:
         check_out(self.out)  # nobody wrote there meanwhile
@@ -204,6 +212,34 @@ class Build:
             self.out.rmdir()  # empty, checked above
         os.rename(self.dest, self.out)
         log(f"done in {time.time() - self.started:.1f}s: {self.out}")
+
+
+LOCK_NAME = ".build.lock"
+STALE_UNLOCKED_S = 60  # a build directory without a lock file is an older version's, or just created
+
+
+def remove_stale_builds(out: Path) -> None:
+    """Remove the temporary build directories of ``out`` left by killed runs (SIGKILL skips every
+    cleanup): those whose lock no live process holds; a running build's is left alone."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        if not tmp.is_dir() or tmp.is_symlink():
+            continue
+        try:
+            fd = os.open(tmp / LOCK_NAME, os.O_RDWR)
+        except FileNotFoundError:
+            if time.time() - tmp.stat().st_mtime < STALE_UNLOCKED_S:
+                continue
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # another run is building it
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log(f"removing {tmp}, left by an interrupted run")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -837,7 +873,10 @@ def run_fairseq_preprocess(
     log("running " + " ".join(cmd[2:]))
     started = time.time()
     sys.stdout.flush()
-    result = subprocess.run(cmd, cwd=build.tmp, stdout=sys.stdout, stderr=subprocess.STDOUT)
+    from slurm.children import die_with_parent
+
+    # killed with us, even by SIGKILL: fairseq-preprocess would otherwise run on to completion (parent 1)
+    result = subprocess.run(cmd, cwd=build.tmp, stdout=sys.stdout, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())  # fmt: skip
     if result.returncode != 0:
         raise PreprocessError(f"fairseq-preprocess failed with exit code {result.returncode} (its output is above)")
     log(f"fairseq-preprocess took {time.time() - started:.1f}s")
