@@ -175,9 +175,18 @@ def test_a_foreign_dictionary_next_to_the_data_is_refused(data, tmp_path):
 
 
 # ---- 5: the checkpoint's data fingerprint ----------------------------------------------------------
+HUB = """
+import argparse
+from fairseq import utils
+utils.import_user_module(argparse.Namespace(user_dir={plugins!r}))
+from plugins.models.efficient_lm import EfficientLM
+EfficientLM.from_pretrained({ckpt!r}, "checkpoint_last.pt", {data!r}, user_dir={plugins!r})
+"""
+
+
 def test_a_checkpoint_on_data_with_another_dictionary_is_refused(data, trained, tmp_path):
     """Same dictionary size, other words: fairseq-eval-lm scored it silently (Loss 4.6436 vs 2.8631 in
-    the issue); eval-lm, interactive and a resume now refuse in one line. The own data still works, and
+    the issue); eval-lm, interactive, the hub and a resume now refuse in one line. The own data still works, and
     so does a checkpoint written before the fingerprint existed."""
     checkpoint = trained / "checkpoint_last.pt"
     own = eval_lm(data["ptb"], checkpoint)
@@ -186,6 +195,10 @@ def test_a_checkpoint_on_data_with_another_dictionary_is_refused(data, trained, 
     interactive = run(BIN / "fairseq-interactive", data["other"], "--user-dir", ROOT / "plugins", "--task",
                       "segment_lm", "--path", checkpoint, "--cpu", input="the\n")  # fmt: skip
     one_error(interactive, "another dictionary")
+    hub = run(
+        sys.executable, "-c", HUB.format(plugins=str(ROOT / "plugins"), ckpt=str(trained), data=str(data["other"]))
+    )
+    assert hub.returncode != 0 and "UserError: the checkpoint was trained with another dictionary" in out(hub), out(hub)[-3000:]  # fmt: skip
     save_dir = tmp_path / "ckpt"
     shutil.copytree(trained, save_dir)
     resumed = run(BIN / "fairseq-train", data["other"], *TRAIN, "--max-update", "6", "--save-dir", save_dir)
