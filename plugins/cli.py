@@ -81,13 +81,15 @@ HALF_PRECISION = ("--fp16", "--bf16", "--memory-efficient-bf16")  # --amp, --mem
 
 
 def check_half_precision(argv: Optional[List[str]] = None) -> None:
-    """``--fp16`` / ``--bf16`` without a GPU: fairseq fails deep inside with ``AssertionError: Torch not
-    compiled with CUDA enabled`` (fp16) or ``'NoneType' object has no attribute 'xla_device'`` (bf16 and
-    memory-efficient bf16 take the TPU path). One line instead, pointing at the CPU alternative."""
+    """``fairseq-train --fp16`` / ``--bf16`` without a GPU: fairseq fails deep inside with ``AssertionError:
+    Torch not compiled with CUDA enabled`` (fp16) or ``'NoneType' object has no attribute 'xla_device'``
+    (bf16 and memory-efficient bf16 take the TPU path). One line instead, pointing at the CPU alternative."""
     import torch
 
+    argv = sys.argv if argv is None else argv
+    training = os.path.basename(argv[0]).startswith("fairseq-train")  # where fairseq fails (seen); not eval
     typed_flags = [flag for flag in HALF_PRECISION if typed(flag, argv)]
-    if not typed_flags or torch.cuda.is_available() or typed("--tpu", argv):
+    if not training or not typed_flags or torch.cuda.is_available() or typed("--tpu", argv):
         return
     raise UserError(
         f"{typed_flags[0]} needs a CUDA GPU and this machine has none: on CPU, use --autocast-bf16 (the "
