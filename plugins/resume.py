@@ -119,8 +119,8 @@ class ResumePlan:
 
 
 def read_saved_state(path: str) -> Optional[dict]:
-    """The checkpoint's configuration, iterator position and data fingerprint (tensors memory-mapped, nothing but plain
-    values unpickled), or ``None`` when it has no ``cfg`` or cannot be read that way."""
+    """The checkpoint's configuration, iterator position and data fingerprint (tensors memory-mapped,
+    nothing but plain values unpickled), or ``None`` when it has no ``cfg`` or cannot be read that way."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
