@@ -191,12 +191,12 @@ def compare(saved: Optional[dict], current: dict, checkpoint: str, data_dir: str
         return
     old, new = saved.get("dictionary") or {}, current["dictionary"]
     if old.get("sha256") and old["sha256"] != new["sha256"]:
-        same_size = "the same size" if old.get("size") == new["size"] else f"{new['size']:,} entries, saved {old.get('size')}"  # fmt: skip
+        other_symbols = ", the same number but other symbols" if old.get("size") == new["size"] else ""
         raise UserError(
-            f"{checkpoint} was trained with another dictionary than {os.path.join(data_dir, 'dict.txt')} "
-            f"({same_size}; token ids would mean other symbols and every score would be meaningless): give "
-            "the data directory the model was trained on, or binarize this text with its dictionary "
-            "(fairseq-preprocess --srcdict <that dict.txt>)"
+            f"{checkpoint} was trained with a dictionary of {old.get('size')} entries, another dictionary than "
+            f"{os.path.join(data_dir, 'dict.txt')} ({new['size']} entries{other_symbols}): token ids would mean "
+            "other symbols and every score would be meaningless. Give the data directory the model was trained "
+            "on, or binarize this text with its dictionary (fairseq-preprocess --srcdict <that dict.txt>)"
         )
     old_train, new_train = saved.get("train"), current.get("train")
     if resume and old_train and new_train and old_train["sha256"] != new_train["sha256"]:
