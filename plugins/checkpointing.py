@@ -17,9 +17,11 @@ What fairseq 0.12.3 does (``fairseq/checkpoint_utils.py``, read for this patch):
 
 What :func:`install` changes (only inside ``fairseq.checkpoint_utils``; everything else is fairseq's):
 
-1. ``torch_persistent_save`` (local files): the ``.tmp`` file is fsync'ed before it is renamed
-   (fairseq's own writer, with its retries, writes the bytes), so a rename never publishes a file whose
-   bytes are not on disk yet.
+1. ``torch_persistent_save`` (local files): the ``.tmp`` file is fsync'ed before it is renamed, so a
+   rename never publishes a file whose bytes are not on disk yet (fairseq's retries are kept, but each
+   starts the file afresh). A full disk (``ENOSPC``, quota, file size limit) while writing or copying
+   removes the ``.tmp`` and stops with one ``error:`` line naming the intact ``checkpoint_last.pt``
+   (fairseq: five tracebacks ending in ``OSError: [Errno 28]``).
 2. ``checkpoint_utils.PathManager`` is replaced by a subclass whose ``copy`` writes ``<dst>.tmp``,
    fsyncs it and renames it over ``<dst>``: every copy (``checkpoint_last.pt``, ``checkpoint_best.pt``)
    is atomic too. Only this module's name is rebound; ``fairseq.file_io.PathManager`` is untouched.
@@ -53,7 +55,9 @@ The project's own loader, :func:`load_checkpoint_safely`, never unpickles arbitr
 
 import argparse
 import collections
+import contextlib
 import copy
+import errno
 import inspect
 import logging
 import math
@@ -61,15 +65,16 @@ import os
 import pickle
 import re
 import shutil
+import time
 import zipfile
 from typing import List, Optional, Tuple
 
 import torch
-from fairseq import checkpoint_utils
+from fairseq import checkpoint_utils, utils
 from fairseq.file_io import PathManager
 from omegaconf import OmegaConf, open_dict
 
-from . import resume
+from . import data_integrity, resume
 from .errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -287,11 +292,70 @@ def torch_persistent_save(obj, filename, async_write: bool = False):
     if async_write or not PathManager.supports_rename(filename):
         return _ORIGINAL["torch_persistent_save"](obj, filename, async_write)
     tmp = filename + ".tmp"
-    with open(tmp, "wb") as f:
-        checkpoint_utils._torch_persistent_save(obj, f)  # fairseq's writer (retries on I/O errors)
-        f.flush()
-        os.fsync(f.fileno())
-    _publish(tmp, filename)
+    with _disk_full_is_one_line(tmp, filename):
+        with open(tmp, "wb") as f:
+            _write(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _publish(tmp, filename)
+
+
+def _write(obj, f) -> None:
+    """fairseq's ``_torch_persistent_save`` (3 tries, 2.5 s apart, for transient I/O errors), but every try
+    starts the file afresh and a full disk is not retried (nothing frees space in 5 s)."""
+    for attempt in range(3):
+        f.seek(0)
+        f.truncate()
+        try:
+            return torch.save(obj, f)
+        except Exception as e:
+            if attempt == 2 or _disk_full(e) is not None:
+                raise
+            logger.warning(f"writing {getattr(f, 'name', 'the checkpoint')} failed ({_first_line(e)}); trying again")
+            time.sleep(2.5)
+
+
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # no space, quota, file size limit
+
+
+def _disk_full(exc: BaseException) -> Optional[OSError]:
+    """The disk-full ``OSError`` behind ``exc`` (torch.save wraps it in a ``RuntimeError`` of its zip
+    writer, ``unexpected pos``, keeping it as the context), or ``None``."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _disk_full_is_one_line(tmp: str, filename: str):
+    """A full disk while writing ``tmp`` (to become ``filename``): remove ``tmp`` and stop with one
+    ``error:`` line saying which checkpoint is intact and what to do (fairseq: five tracebacks)."""
+    try:
+        yield
+    except Exception as e:
+        full = _disk_full(e)
+        if full is None:
+            raise
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        directory = os.path.dirname(os.path.abspath(filename))
+        last = os.path.join(directory, "checkpoint_last.pt")
+        try:
+            updates = _updates_in(torch.load(last, map_location="cpu", weights_only=True, mmap=True))
+            kept = f"{last} (update {updates}) is intact"
+        except Exception:
+            kept = f"no complete checkpoint_last.pt is in {directory}"
+        raise UserError(
+            f"cannot write {filename}: {os.strerror(full.errno)}; nothing partial was kept and {kept}. Free "
+            f"space there (or keep fewer checkpoints: --keep-interval-updates N, --no-epoch-checkpoints; or "
+            "give another --save-dir), then run the same command again: it resumes from the last checkpoint"
+        ) from None
 
 
 def _withhold_nonfinite(obj, filename: str) -> bool:
@@ -328,11 +392,12 @@ class AtomicCopyPathManager(PathManager):
         if not overwrite and os.path.exists(dst_path):
             return False
         tmp = dst_path + ".tmp"
-        with open(src_path, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 16 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        _publish(tmp, dst_path)
+        with _disk_full_is_one_line(tmp, dst_path):
+            with open(src_path, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 16 << 20)
+                dst.flush()
+                os.fsync(dst.fileno())
+            _publish(tmp, dst_path)
         return True
 
 
@@ -409,6 +474,9 @@ def _load_as_planned(cfg, trainer, suffix: str, passthrough_args: dict):
         path = cfg.restore_file.replace(".pt", suffix + ".pt")
     own = os.path.dirname(os.path.abspath(path)) == os.path.abspath(cfg.save_dir)  # a resume, not a start
     saved = resume.read_saved_state(path) if os.path.exists(path) else None
+    if saved is not None and hasattr(trainer.task, "data_fingerprint"):  # another dictionary: refused
+        data_dir = utils.split_paths(trainer.task.args.data)[0]
+        data_integrity.compare(saved["data_fingerprint"], trainer.task.data_fingerprint(), path, data_dir, resume=own)
     plan = resume.plan_resume(path, saved, trainer.cfg, explicit=not own) if saved is not None else None
     extra_state, epoch_itr = _ORIGINAL["load_checkpoint"](cfg, trainer, **passthrough_args)
     if plan is not None:

@@ -78,6 +78,26 @@ def check_arch(argv: Optional[List[str]] = None) -> None:
     raise UserError(f"unknown --arch '{arch}': {hint} (every preset: README, or --arch efficient_lm with options)")
 
 
+HALF_PRECISION = ("--fp16", "--bf16", "--memory-efficient-bf16")  # --amp, --memory-efficient-fp16 run on CPU
+
+
+def check_half_precision(argv: Optional[List[str]] = None) -> None:
+    """``fairseq-train --fp16`` / ``--bf16`` without a GPU: fairseq fails deep inside with ``AssertionError:
+    Torch not compiled with CUDA enabled`` (fp16) or ``'NoneType' object has no attribute 'xla_device'``
+    (bf16 and memory-efficient bf16 take the TPU path). One line instead, pointing at the CPU alternative."""
+    import torch
+
+    argv = sys.argv if argv is None else argv
+    training = os.path.basename(argv[0]).startswith("fairseq-train")  # where fairseq fails (seen); not eval
+    typed_flags = [flag for flag in HALF_PRECISION if typed(flag, argv)]
+    if not training or not typed_flags or torch.cuda.is_available() or typed("--tpu", argv):
+        return
+    raise UserError(
+        f"{typed_flags[0]} needs a CUDA GPU and this machine has none: on CPU, use --autocast-bf16 (the "
+        f"decoder layers in bfloat16 autocast, weights and loss in float32), or drop {typed_flags[0]}"
+    )
+
+
 def check_override_keys(overrides: dict, known, option: str = "--model-overrides") -> None:
     """Refuse override keys that no option has (fairseq would ignore them silently)."""
     for key in overrides:
@@ -161,6 +181,7 @@ def check_command_line(argv: Optional[List[str]] = None) -> None:
     if wants_help(argv) and os.path.basename(argv[0]) in PARSERS:
         print(complete_help(argv))
         sys.exit(0)
+    check_half_precision(argv)
     overrides = model_overrides(argv)
     if overrides is not None:
         for i, a in enumerate(argv):

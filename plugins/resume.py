@@ -119,15 +119,19 @@ class ResumePlan:
 
 
 def read_saved_state(path: str) -> Optional[dict]:
-    """The checkpoint's configuration and iterator position (tensors memory-mapped, nothing but plain
-    values unpickled), or ``None`` when it has no ``cfg`` or cannot be read that way."""
+    """The checkpoint's configuration, iterator position and data fingerprint (tensors memory-mapped,
+    nothing but plain values unpickled), or ``None`` when it has no ``cfg`` or cannot be read that way."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception:
         return None
     if not isinstance(state, dict) or not isinstance(state.get("cfg"), dict):
         return None
-    return {"cfg": state["cfg"], "train_iterator": (state.get("extra_state") or {}).get("train_iterator") or {}}
+    return {
+        "cfg": state["cfg"],
+        "train_iterator": (state.get("extra_state") or {}).get("train_iterator") or {},
+        "data_fingerprint": (state.get("task_state") or {}).get("data_fingerprint"),
+    }
 
 
 def _streams(cfg) -> Optional[int]:

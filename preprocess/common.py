@@ -6,11 +6,13 @@
   :func:`locate_members` finds the split files in a ``.zip``, a tar (``.tgz``, ``.tar.gz``, ...), a
   directory (files may be ``.xz``/``.gz``/``.bz2`` compressed) or a single (compressed) file.
 - :class:`Build` builds into a temporary sibling of ``--out`` and renames it into place at the end, so
-  an interrupted run never leaves a half-written ``--out``; a non-empty ``--out`` is never touched.
+  an interrupted run never leaves a half-written ``--out``; a non-empty ``--out`` is never touched. What
+  a SIGKILLed run leaves (the sibling; its ``fairseq-preprocess`` child dies with it) goes at the next run.
 - ``write_*_tokens`` turn text into the token lines fairseq reads, counting tokens/characters on the way.
 - :func:`run_fairseq_preprocess` runs the real ``fairseq-preprocess --only-source`` of the active Python,
   then checks that the token count of every split is the one counted here.
-- :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters, and
+- :func:`write_metadata` writes ``metadata.json`` (unit, vocab size, per-split tokens and characters, the
+  dictionary's size and sha256: ``segment_lm`` checks the ``.idx``/``.bin``/``dict.txt`` against them; and
   for byte/char/subword data the ``encoder``: the fairseq ``--bpe`` that turns text into these tokens and
   back, which the ``segment_lm`` task uses when no ``--bpe`` is given).
 
@@ -35,6 +37,8 @@ import argparse
 import bz2
 import codecs
 import contextlib
+import fcntl
+import glob
 import gzip
 import hashlib
 import importlib.util
@@ -195,13 +199,17 @@ def check_utf8(path: Path, label: str) -> None:
 
 class Build:
     """``with Build(out) as b:`` gives ``b.work`` (scratch) and ``b.dest`` (future ``out``); ``b.commit()``
-    renames ``b.dest`` to ``out``. The temporary directory is removed in every case."""
+    renames ``b.dest`` to ``out``. The temporary directory is removed in every case but SIGKILL; the
+    directory a killed run left (``.<out>.tmp-*``, its lock free) is removed by the next run."""
 
     def __init__(self, out: Path):
         self.out = out.expanduser().absolute()
         check_out(self.out)
         self.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_builds(self.out)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+        self._lock = os.open(self.tmp / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until this process ends, however it ends
         self.work = self.tmp / "work"
         self.dest = self.tmp / "out"
         self.work.mkdir()
@@ -213,6 +221,7 @@ class Build:
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        os.close(self._lock)
 
     def commit(self) -> None:
         check_out(self.out)  # nobody wrote there meanwhile
@@ -220,6 +229,34 @@ class Build:
             self.out.rmdir()  # empty, checked above
         os.rename(self.dest, self.out)
         log(f"done in {time.time() - self.started:.1f}s: {self.out}")
+
+
+LOCK_NAME = ".build.lock"
+STALE_UNLOCKED_S = 60  # a build directory without a lock file is an older version's, or just created
+
+
+def remove_stale_builds(out: Path) -> None:
+    """Remove the temporary build directories of ``out`` left by killed runs (SIGKILL skips every
+    cleanup): those whose lock no live process holds; a running build's is left alone."""
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*"):
+        if not tmp.is_dir() or tmp.is_symlink():
+            continue
+        try:
+            fd = os.open(tmp / LOCK_NAME, os.O_RDWR)
+        except FileNotFoundError:
+            if time.time() - tmp.stat().st_mtime < STALE_UNLOCKED_S:
+                continue
+            fd = None
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # another run is building it
+        finally:
+            if fd is not None:
+                os.close(fd)
+        log(f"removing {tmp}, left by an interrupted run")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -855,7 +892,10 @@ def run_fairseq_preprocess(
     log("running " + " ".join(cmd[2:]))
     started = time.time()
     sys.stdout.flush()
-    result = subprocess.run(cmd, cwd=build.tmp, stdout=sys.stdout, stderr=subprocess.STDOUT)
+    from slurm.children import die_with_parent
+
+    # killed with us, even by SIGKILL: fairseq-preprocess would otherwise run on to completion (parent 1)
+    result = subprocess.run(cmd, cwd=build.tmp, stdout=sys.stdout, stderr=subprocess.STDOUT, preexec_fn=die_with_parent())  # fmt: skip
     if result.returncode != 0:
         raise PreprocessError(f"fairseq-preprocess failed with exit code {result.returncode} (its output is above)")
     log(f"fairseq-preprocess took {time.time() - started:.1f}s")
@@ -913,6 +953,7 @@ def write_metadata(
         "sha256": sha256,
         "fairseq_dict_size": dict_lines + 4,  # + <s> <pad> </s> <unk>
         "encoder": TEXT_ENCODERS.get(unit),  # text <-> tokens for fairseq-interactive and the hub; words: None
+        "dict_sha256": sha256_file(build.dest / "dict.txt"),  # training checks dict.txt against it
         **extra,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -25,6 +25,7 @@ from typing import Optional
 import submitit
 
 from recipes.experiment import ROOT, Run, fairseq_tool
+from slurm.children import die_with_parent
 from slurm.train import PREEMPTED
 
 LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq's: the log parser relies on it
@@ -183,27 +184,6 @@ class TrainAndEvaluate(submitit.helpers.Checkpointable):
                 break
             time.sleep(0.2)
         return child.returncode
-
-
-def die_with_parent():
-    """A ``preexec_fn`` that makes the child die (SIGKILL) when this process dies, even by SIGKILL: Linux's
-    parent-death signal (``prctl(PR_SET_PDEATHSIG)``). Without it a killed launcher leaves its training
-    running (parent 1), and a ``--resume`` would start a second one on the same run. ``None`` elsewhere.
-    The signal follows the *thread* that forked the child: the runner threads live until their child ends.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: nothing is imported after the fork
-    parent = os.getpid()
-
-    def preexec():
-        prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
-        if os.getppid() != parent:  # the parent died before the prctl: no signal will come
-            os._exit(1)
-
-    return preexec
 
 
 def _env() -> dict:

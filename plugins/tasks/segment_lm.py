@@ -18,9 +18,10 @@ Differences from fairseq's ``language_modeling`` (which it extends, so sampling 
   the data's own text encoder named in ``metadata.json`` (``--bpe char_level``/``byte_level``,
   ``plugins/text_encoders.py``), and a prompt symbol that is not in the dictionary is named in a
   warning instead of silently becoming ``<unk>``.
+- the binarized data is checked before any work, and every checkpoint carries a fingerprint of the
+  dictionary and the training data, compared when it is loaded (``plugins/data_integrity.py``).
 """
 
-import json
 import logging
 import os
 import re
@@ -39,7 +40,7 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig, LanguageMode
 from fairseq.tokenizer import tokenize_line
 from omegaconf import II, OmegaConf
 
-from .. import cli
+from .. import cli, data_integrity
 from ..criterions.aux_cross_entropy import UNIT_METRIC
 from ..errors import UserError
 from .stream_dataset import SegmentStreamDataset, flat_tokens
@@ -64,19 +65,10 @@ class SegmentLMConfig(LanguageModelingConfig):
     train_subset: str = II("dataset.train_subset")
 
 
-def read_metadata(data_dir: Optional[str]) -> Optional[dict]:
-    """``<data>/metadata.json`` written by ``preprocess/``, or None."""
-    meta = os.path.join(data_dir or "", "metadata.json")
-    if data_dir and os.path.exists(meta):
-        with open(meta) as f:
-            return json.load(f)
-    return None
-
-
 def data_text_encoder(data_dir: Optional[str]) -> Optional[str]:
     """The ``--bpe`` that turns text into the data's symbols and back: metadata.json's ``encoder``; for
     data written before it recorded one, the encoder of its unit; None for words (and without metadata)."""
-    meta = read_metadata(data_dir)
+    meta = data_integrity.read_metadata(data_dir) if data_dir else None
     if meta is None:
         return None
     if "encoder" in meta:
@@ -85,8 +77,8 @@ def data_text_encoder(data_dir: Optional[str]) -> Optional[str]:
 
 
 def guess_token_unit(data_dir: Optional[str], dictionary) -> str:
-    meta = read_metadata(data_dir)
-    if meta is not None:
+    meta = data_integrity.read_metadata(data_dir) if data_dir else None
+    if meta is not None and meta.get("unit") in TOKEN_UNITS:
         return meta["unit"]
     # fairseq-preprocess pads the dictionary to a multiple of 8 with madeupword0000, ...: not data
     symbols = [s for s in dictionary.symbols[dictionary.nspecial :] if not s.startswith("madeupword")]
@@ -184,10 +176,12 @@ class SegmentLMTask(LanguageModelingTask):
         if not os.path.exists(dict_path):
             raise UserError(f"'{args.data}' has no dict.txt: it is not a fairseq-preprocess output directory")
         try:
-            Dictionary.load(dict_path)  # fairseq raises a bare Exception/RuntimeError/ValueError with a traceback
+            dictionary = Dictionary.load(dict_path)  # fairseq raises a bare Exception/... with a traceback
         except Exception as e:
             reason = " ".join(str(e).split(". ")[0].split())
             raise UserError(f"{dict_path} is not a valid dictionary ({reason}): binarize the data again") from None
+        for data_dir in utils.split_paths(args.data):
+            data_integrity.check_data_dir(data_dir, dictionary)  # .idx/.bin/dict.txt vs metadata.json
         return super().setup_task(args, **kwargs)
 
     def __init__(self, args, dictionary, output_dictionary=None, targets=None):
@@ -237,6 +231,27 @@ class SegmentLMTask(LanguageModelingTask):
         if len(tokens) and int(tokens[-1]) == dictionary.eos():
             tokens = tokens[:-1]
         return dictionary.string(tokens, include_eos=True)
+
+    def data_fingerprint(self) -> dict:
+        """The dictionary's and the training data's fingerprints (``plugins/data_integrity.py``)."""
+        if getattr(self, "_data_fingerprint", None) is None:
+            data_dir = utils.split_paths(self.args.data)[0]
+            self._data_fingerprint = data_integrity.fingerprint(self.dictionary, data_dir, self.args.train_subset)
+        return self._data_fingerprint
+
+    def state_dict(self):
+        """What fairseq saves as the checkpoint's ``task_state``: the data fingerprint, added."""
+        return {**super().state_dict(), "data_fingerprint": self.data_fingerprint()}
+
+    def load_state_dict(self, state_dict):
+        """Called by fairseq-eval-lm, fairseq-interactive, fairseq-generate and the hub with a checkpoint's
+        ``task_state``: a model trained with another dictionary is refused."""
+        state_dict = dict(state_dict or {})
+        saved = state_dict.pop("data_fingerprint", None)
+        data_dir = utils.split_paths(self.args.data)[0]
+        checkpoint = cli.typed_value("--path") or "the checkpoint"
+        data_integrity.compare(saved, self.data_fingerprint(), checkpoint, data_dir, resume=False)
+        super().load_state_dict(state_dict)
 
     def build_criterion(self, cfg):
         """``aux_cross_entropy``: cross entropy plus the model's auxiliary losses (compression, span, ...),
