@@ -16,6 +16,7 @@ Reads every run directory below the given one (``train.log`` in fairseq's JSON l
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +88,24 @@ def table(runs: List[RunResult]) -> str:
     return "\n".join(lines)
 
 
+def figure_labels(runs: List[RunResult]) -> List[str]:
+    """Short legend labels: only the swept options whose values differ between these runs (an experiment by
+    its name alone), e.g. ``compression-rate=2, seed=1`` or ``study_full_vs_xl_ptb_words, arch=xl_small``."""
+    keys = [k for k in dict.fromkeys(k for run in runs for k in run.swept)
+            if len({str(run.swept.get(k)) for run in runs}) > 1]  # fmt: skip
+    names = sorted({str(run.swept["experiment"]) for run in runs if "experiment" in run.swept})
+    head = os.path.commonprefix(names).rpartition("_")[0]  # study_x_ptb_words, study_y_ptb_words -> x, y
+    tail = os.path.commonprefix([n[::-1] for n in names])[::-1].partition("_")[2]
+    short = {n: n[len(head) + 1 if head else 0 : len(n) - len(tail) - 1 if tail else len(n)] or n for n in names}
+    labels = []
+    for run in runs:
+        parts = [
+            short[str(run.swept[k])] if k == "experiment" else f"{k}={run.swept[k]}" for k in keys if k in run.swept
+        ]
+        labels.append(", ".join(parts) or run.label)
+    return labels
+
+
 def plot(runs: List[RunResult], png: Path, x: str, title: str = "") -> None:
     import matplotlib
 
@@ -94,17 +113,52 @@ def plot(runs: List[RunResult], png: Path, x: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     datasets = sorted({run.dataset for run in runs})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(11 * len(datasets), 4.8), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         group = [run for run in runs if run.dataset == dataset]
-        results.draw_curves(ax, [run.log for run in group], x=x, labels=[run.label for run in group])
+        results.draw_curves(ax, [run.log for run in group], x=x, labels=figure_labels(group))
         metric = group[0].metric
         unit = {"bpb": "bits per byte", "bpc": "bits per character"}.get(metric, "bits per token; ppl = 2^loss")
-        ax.set_ylabel(f"loss ({unit}, log scale)")
+        ax.set_ylabel(f"cross entropy ({unit}, log scale)")
         ax.set_title(dataset, fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     if title:
         fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_bars(runs: List[RunResult], png: Path, title: str = "") -> None:
+    """Best validation and test number of every run as horizontal bars (one number per setting reads better
+    than overlapping curves when the curves end close together), in the data's metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = figure_labels(runs)
+    valid = [run.best_valid() or 0.0 for run in runs]
+    test = [(run.evaluation or {}).get("value") or 0.0 for run in runs]
+    fig, ax = plt.subplots(figsize=(13, 0.5 * len(runs) + 1.5))
+    rows = range(len(runs))
+    ax.barh([r + 0.2 for r in rows], valid, height=0.4, color="C0", label="best valid")
+    ax.barh([r - 0.2 for r in rows], test, height=0.4, color="C1", label="test")
+    for r, (v, t) in enumerate(zip(valid, test)):
+        for y, value in ((r + 0.2, v), (r - 0.2, t)):
+            if value:
+                ax.text(
+                    value, y, f" {value:.2f}" if runs[0].metric == "ppl" else f" {value:.4f}", va="center", fontsize=7
+                )
+    ax.set_yticks(list(rows), labels, fontsize=7)
+    ax.invert_yaxis()
+    low = min(x for x in valid + test if x) if any(valid + test) else 0.0
+    ax.set_xlim(left=low * 0.9)  # the differences are at the end of the bars
+    ax.set_xlabel(runs[0].metric)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    ax.grid(alpha=0.3, axis="x")
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
@@ -132,7 +186,9 @@ def main(argv=None) -> int:
     (out / "results.md").write_text(text + "\n")
     for x, name in (("num_updates", "loss_vs_updates.png"), ("wall", "loss_vs_wall.png")):
         plot(runs, out / name, x, args.title)
-    print(text + f"\n\nwrote {out / 'results.md'}, {out / 'loss_vs_updates.png'}, {out / 'loss_vs_wall.png'}")
+    plot_bars(runs, out / "best.png", args.title)
+    print(text + f"\n\nwrote {out / 'results.md'}, {out / 'loss_vs_updates.png'}, {out / 'loss_vs_wall.png'}, "
+          f"{out / 'best.png'}")  # fmt: skip
     return 0
 
 

@@ -118,19 +118,25 @@ def results_table(runs: List[RunLog], eval_label: str = "test") -> str:
 X_LABELS = {"num_updates": "updates", "wall": "wall time (s)"}
 
 
+def cross_entropy(record: dict) -> float:
+    """The language model's loss of a log record, in bits per token: ``nll_loss`` where the criterion logs it
+    (``aux_cross_entropy``'s training ``loss`` adds auxiliary terms such as a compression loss), else ``loss``."""
+    return record.get("nll_loss", record["loss"])
+
+
 def draw_curves(ax, runs: List[RunLog], x: str = "num_updates", labels: Optional[List[str]] = None) -> None:
-    """Train (thin) and valid (markers) loss in bits per token against ``x`` (updates or wall seconds),
-    one colour per run, on a log scale (early losses are 10x the final ones; the gaps are at the end)."""
+    """Train (thin) and valid (markers) cross entropy in bits per token against ``x`` (updates or wall
+    seconds), one colour per run, on a log scale (early losses are 10x the final ones; the gaps are at the end)."""
     import matplotlib.ticker
 
     for i, run in enumerate(runs):
         color, label = f"C{i % 10}", (labels[i] if labels else run.name)
         t = [r for r in run.train if x in r and "loss" in r]
-        ax.plot([r[x] for r in t], [r["loss"] for r in t], color=color, lw=1, alpha=0.7, label=f"{label} train")
+        ax.plot([r[x] for r in t], [cross_entropy(r) for r in t], color=color, lw=1, alpha=0.7, label=f"{label} train")
         v = [r for r in run.valid if "loss" in r and "num_updates" in r]
         if x != "num_updates":  # a validation has no wall time: use that of the last training entry before it
             v = [{**r, x: max((e[x] for e in t if e.get("num_updates", 0) <= r["num_updates"]), default=0.0)} for r in v]  # fmt: skip
-        ax.plot([r[x] for r in v], [r["loss"] for r in v], color=color, marker="o", lw=2, label=f"{label} valid")
+        ax.plot([r[x] for r in v], [cross_entropy(r) for r in v], color=color, marker="o", lw=2, label=f"{label} valid")
     ax.set_xlabel(X_LABELS.get(x, x))
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
