@@ -142,7 +142,7 @@ def test_every_study_runs_through_the_launcher_and_the_report(path, data_bin, tm
         name = row.split("|")[1].strip().split("/", 1)[1]
         test = json.loads((tmp_path / "runs" / name / "eval.json").read_text())["value"]
         assert row.split("|")[5].strip().startswith(f"{test:.4f} bpb")
-    for png in ("loss_vs_updates.png", "loss_vs_wall.png"):
+    for png in ("loss_vs_updates.png", "loss_vs_wall.png", "best.png"):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -286,7 +286,7 @@ def test_report_table_and_plots_match_the_logs(local_sweep, tmp_path):
         assert row[2].strip() == f"{params:,}"
         assert row[3].strip() == f"{best_valid:.4f} bpb" and row[4].strip() == f"{test:.4f} bpb"
         assert float(row[5].replace(",", "")) > 0 and row[6].strip().endswith(" s")
-    for png in ("loss_vs_updates.png", "loss_vs_wall.png"):
+    for png in ("loss_vs_updates.png", "loss_vs_wall.png", "best.png"):
         data = (tmp_path / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         import matplotlib.image
@@ -443,3 +443,25 @@ def test_real_slurm_sweep_with_a_requeued_job(slurm_env, data_bin, tmp_path):
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+def test_report_curves_are_the_cross_entropy_and_labels_name_what_differs():
+    """The curves plot ``nll_loss`` where the log has it (a compressive model's training ``loss`` adds its
+    compression loss); legend labels keep only the swept values that differ, an experiment by its short name."""
+    from types import SimpleNamespace
+
+    from recipes.results import cross_entropy
+
+    assert cross_entropy({"loss": 11.8, "nll_loss": 8.2}) == 8.2 and cross_entropy({"loss": 3.1}) == 3.1
+    runs = [
+        SimpleNamespace(
+            swept={"experiment": "study_compression_ptb_words", "compression-rate": 2, "seed": 1}, label="a"
+        ),
+        SimpleNamespace(swept={"experiment": "study_full_vs_xl_ptb_words", "arch": "xl_small", "seed": 1}, label="b"),
+        SimpleNamespace(swept={"experiment": "study_full_vs_xl_ptb_words", "arch": "xl_small", "seed": 2}, label="c"),
+    ]
+    assert report.figure_labels(runs) == [
+        "compression, compression-rate=2, seed=1", "full_vs_xl, seed=1, arch=xl_small", "full_vs_xl, seed=2, arch=xl_small"
+    ]  # fmt: skip
+    same = [SimpleNamespace(swept={"lr": 0.1}, label="x/lr=0.1"), SimpleNamespace(swept={"lr": 0.1}, label="y/lr=0.1")]
+    assert report.figure_labels(same) == ["x/lr=0.1", "y/lr=0.1"]
