@@ -32,6 +32,7 @@ from plugins.attention.relative_sinusoid import rotated_keys, rotated_queries
 from plugins.errors import UserError
 from plugins.models.efficient_lm import validate_config
 from recipes.benchmarks.memory import worker_env
+from tests.test_long_context import run  # outputs, memories, losses and gradients over segments with memory
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -50,27 +51,6 @@ def pair(name: str, dtype, D: int = 16, H: int = 2, budget: int = 2**21, **optio
     fused = copy.deepcopy(explicit)
     fused.cfg.relative_route = "fused"
     return explicit, fused
-
-
-def run(attn, segments, keep):
-    """Feed ``segments`` with memory; backward of the sum of squared outputs and of the auxiliary losses;
-    returns outputs, memories, losses and every gradient (inputs and parameters)."""
-    for x in segments:
-        x.grad = None
-    attn.zero_grad()
-    mem, outs, mems, losses, total = None, [], [], [], 0.0
-    for x in segments:
-        out, mem = attn(x, mem, keep)
-        outs.append(out)
-        mems.append(mem)
-        aux = attn.aux_losses(mem)
-        losses.extend(a.value for a in aux.values())
-        total = total + out.square().sum() + sum(a.value for a in aux.values())
-    total.backward()
-    grads = [x.grad.clone() for x in segments] + [
-        torch.zeros(()) if p.grad is None else p.grad.clone() for p in attn.parameters()
-    ]
-    return [o.detach() for o in outs], mems, [v.detach() for v in losses], grads
 
 
 def assert_same(a, b, dtype):
