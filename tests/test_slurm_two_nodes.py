@@ -21,6 +21,7 @@ import pytest
 import torch
 import yaml
 from conftest import byte_corpus_bin, one_slurm_cluster_at_a_time
+from test_slurm import _wait_for  # poll a condition until a timeout
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -136,18 +137,6 @@ def _same(a, b) -> bool:
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def _wait_for(condition, timeout: float, what: str):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _signal_when_training(log: Path, job: str, env: dict, *scancel) -> None:
