@@ -16,9 +16,6 @@ Shapes: B = batch, T = segment (queries), M = memory, S = keys, D = model dim, H
 """
 
 import copy
-import json
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,8 +28,7 @@ from plugins.attention.relative import RelativeAttention
 from plugins.attention.relative_sinusoid import rotated_keys, rotated_queries
 from plugins.errors import UserError
 from plugins.models.efficient_lm import validate_config
-from recipes.benchmarks.memory import worker_env
-from tests.test_long_context import run  # outputs, memories, losses and gradients over segments with memory
+from tests.test_long_context import measured_peak, run  # segments with memory; a worker's peak memory
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
@@ -250,15 +246,7 @@ def test_one_fused_layer_step_at_4096_keys_stays_under_the_bound(memory):
     --relative-route fused: masks in query chunks) allocates less than MEMORY_BOUND_MB at its
     peak (``recipes.benchmarks.memory.peak_memory`` in a worker process with the suite's allocator settings);
     The explicit one-pass path needs ~1.3 GB."""
-    env = dict(worker_env(), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(
-        [sys.executable, "-c", MEASURE.format(memory=memory)], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    if not result["exact"]:
-        pytest.skip("/proc/self/clear_refs is not writable here: the CPU peak cannot be measured exactly")
+    result = measured_peak(MEASURE.format(memory=memory))
     assert result["peak_mb"] < MEMORY_BOUND_MB, result
 
 
