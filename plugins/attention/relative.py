@@ -114,13 +114,11 @@ class RelativeAttention(Attention):
             raise UserError("--relative-route fused is not the same function with --clamp-len > 0 (a clamped "
                             "distance is not a rotation): use --relative-route auto or explicit")  # fmt: skip
 
-    def fused_route(self, q: Tensor) -> bool:
-        """Whether the position term goes through the fused sinusoid-identity call (``--relative-route``);
-        never with ``--clamp-len`` > 0, where it would not be the same function."""
-        route = self.cfg.relative_route
-        if self.cfg.clamp_len > 0 or route == "explicit":
-            return False
-        return route == "fused"  # auto: explicit until the fused route is measured faster (module docstring)
+    def fused_route(self) -> bool:
+        """Whether the position term goes through the fused sinusoid-identity call: only when asked for
+        (``auto`` is explicit until the fused route is measured faster: module docstring), never with
+        ``--clamp-len`` > 0, where it would not be the same function."""
+        return self.cfg.relative_route == "fused" and self.cfg.clamp_len == 0
 
     def share_with(self, first: "RelativeAttention") -> None:
         if not self.cfg.untie_r:
@@ -162,7 +160,7 @@ class RelativeAttention(Attention):
         if ``need_usage``. Persistent slots (``--persistent-mem-size``) get the content term only, no
         position, never masked. Beyond ``--score-chunk-elements`` the queries are processed in chunks
         (``chunking.py``), except for ``need_weights`` (the B x H x T x S weights are the result)."""
-        if not (need_weights or need_usage) and self.fused_route(q):  # the weights need the explicit path
+        if not (need_weights or need_usage) and self.fused_route():  # the weights need the explicit path
             p = self.dropout if self.training else 0.0
             out = sinusoid_relative_attention(
                 q, k, v, self.u, self.v, self.r_proj.weight, self.scale, p, window, self.persistent,
