@@ -36,8 +36,8 @@ are never masked. Adaptive span (``adaptive_span.py``) learns its own position e
 
 Cost: the scores take Dh + D (not Dh) products per query-key pair and head, (1 + H) x D over all heads,
 and the values are padded to the same width: more arithmetic than the explicit path's ~3 x D as soon as
-H >= 2, for no T x S memory traffic. ``--relative-route auto`` therefore takes this route on CUDA only
-(docs/long-context.md has the CPU measurements).
+H >= 2, for no T x S memory traffic. ``--relative-route auto`` therefore does not take it: on CPU it is measured
+no faster and heavier (docs/long-context.md), on CUDA it is not measured yet; ``--relative-route fused`` does.
 
 Exactly the same function as the explicit path (``relative.py``), checked on values and gradients in
 tests/test_relative_sinusoid.py. Not covered, so kept on the explicit path by ``RelativeAttention``:
@@ -49,21 +49,19 @@ Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys (
 N = persistent slots, K = N + S, C = queries per chunk, Dh = head dim, D = model dim, F = D // 2 frequencies.
 """
 
-import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modules.positional import sinusoid_frequencies
 from .chunking import chunk_bounds, query_chunk_size
 
 
 def angles(positions: Tensor, num_freqs: int) -> Tensor:
     """w_f * position in float64 (the frequencies of ``SinusoidalPositions``): L x F."""
-    inv_freq = torch.exp(
-        -math.log(10000.0) * torch.arange(num_freqs, device=positions.device, dtype=torch.float64) / max(num_freqs, 1)
-    )
+    inv_freq = sinusoid_frequencies(num_freqs, positions.device, torch.float64)  # F
     return positions.to(torch.float64)[:, None] * inv_freq[None, :]
 
 

@@ -28,6 +28,11 @@ def register_positions(name: str):
     return wrap
 
 
+def sinusoid_frequencies(num_freqs: int, device=None, dtype=torch.float32) -> Tensor:
+    """w_f = 10000^(-f / F) for f = 0 .. F-1 (Vaswani et al. 2017, Sec. 3.5): F."""
+    return torch.exp(-math.log(10000.0) * torch.arange(num_freqs, device=device, dtype=dtype) / max(num_freqs, 1))
+
+
 class SinusoidalPositions(nn.Module):
     def __init__(self, embed_dim: int):
         super().__init__()
@@ -38,8 +43,7 @@ class SinusoidalPositions(nn.Module):
         models are exact to float64 precision)."""
         half = self.embed_dim // 2
         compute = torch.float64 if dtype == torch.float64 else torch.float32
-        arange = torch.arange(half, device=positions.device, dtype=compute)
-        inv_freq = torch.exp(-math.log(10000.0) * arange / max(half, 1))
+        inv_freq = sinusoid_frequencies(half, positions.device, compute)
         angles = positions.to(compute)[:, None] * inv_freq[None, :]  # T x D/2
         pe = torch.cat([angles.sin(), angles.cos()], dim=-1).to(dtype)
         if pe.size(-1) < self.embed_dim:  # odd D
