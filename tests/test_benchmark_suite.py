@@ -1,6 +1,7 @@
 """The benchmark suite's own logic (``python -m recipes.benchmarks.run --smoke``): every registered
-attention produces a layer row, the generation cases run through fairseq's generator, the figures and the
-summary are written. Speed itself is never asserted."""
+attention produces a layer row, the generation cases run through fairseq's generator, every mechanism case
+runs, the training section times real ``fairseq-train`` runs, the figures and the summary are written.
+Speed itself is never asserted."""
 
 import json
 
@@ -9,7 +10,7 @@ import torch
 
 from plugins.attention import ATTENTION_REGISTRY
 from recipes.benchmarks import memory, run
-from recipes.benchmarks.suite import layer
+from recipes.benchmarks.suite import layer, mechanisms
 
 
 def test_smoke_run_covers_every_registered_attention(tmp_path):
@@ -26,14 +27,78 @@ def test_smoke_run_covers_every_registered_attention(tmp_path):
     generation = [r for r in rows if r["section"] == "generation"]
     assert generation and all(r["status"] == "ok" for r in generation), generation
     assert all(r["generated"] == r["tokens"] + 1 for r in generation)  # </s> + exactly `tokens` new ones
+    mechanism_rows = [r for r in rows if r["section"] == "mechanisms"]
+    assert {r["case"] for r in mechanism_rows} == set(mechanisms.CASES)
+    assert all(r["status"] == "ok" for r in mechanism_rows), [r for r in mechanism_rows if r["status"] != "ok"]
+    span = {(r["setting"], r["kind"]): r for r in mechanism_rows if r["case"] == "span"}
+    assert span["short", "eval"]["window"] < span["full", "eval"]["window"] == span["full", "eval"]["max_span"]
+    compressive = next(r for r in mechanism_rows if r["case"] == "compressive")["models"]
+    assert compressive["compressive"]["keys"] == compressive["xl_same_keys"]["keys"] < compressive["xl"]["keys"]
     for png in ("layer_scaling.png", "generation.png"):
         assert (run_dir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = (run_dir / "summary.md").read_text()
-    assert "## One attention layer" in summary and "## Goals" in summary
+    assert "## One attention layer" in summary and "## Goals" in summary and "### Adaptive span" in summary
 
     (run_dir / "summary.md").unlink()  # --summarize rebuilds the report from results.jsonl alone
     assert run.main(["--summarize", str(run_dir)]) == run_dir
     assert (run_dir / "summary.md").read_text().split("\n", 3)[3] == summary.split("\n", 3)[3]  # all but the time
+
+
+def test_quick_is_bounded_and_runs_every_section():
+    """``--quick`` (issue 18: under 20 minutes on 2 cores) runs every section, the quality section on PTB
+    characters only with the test split cut to a prefix; the full run keeps both datasets and whole test splits,
+    and the flags override either."""
+    quick = run.parse_args(["--quick"])
+    assert quick.only == list(run.SECTIONS) and {"mechanisms", "training", "evaluation"} <= set(quick.only)
+    assert quick.quality_data == ["ptb-chars"] and 0 < quick.quality_test_tokens <= 32768
+    assert max(quick.lengths) <= 4096 and quick.evaluation["contexts"] == [256, 800]
+    full = run.parse_args([])
+    assert full.quality_data == ["ptb-chars", "wikitext-2"] and full.quality_test_tokens == 0
+    assert full.quality_updates == 3000 and max(full.lengths) == 16384
+    again = run.parse_args(["--quick", "--quality-data", "ptb-chars,wikitext-2", "--quality-test-tokens", "0",
+                            "--contexts", "1600", "--training-cases", "xl"])  # fmt: skip
+    assert again.quality_data == ["ptb-chars", "wikitext-2"] and again.quality_test_tokens == 0
+    assert again.evaluation["contexts"] == [1600] and again.training_cases == ["xl"]
+    with pytest.raises(SystemExit):
+        run.parse_args(["--only", "layer,nope"])
+
+
+def test_quality_test_prefix_is_the_start_of_the_test_split(tmp_path):
+    """``--quality-test-tokens N`` scores the split ``test_first<N>``: the first N tokens of ``test``, in order,
+    readable by ``segment_lm`` as ``test`` is."""
+    from fairseq import options
+    from fairseq.data import Dictionary, data_utils
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.tasks import TASK_REGISTRY
+
+    from recipes.benchmarks.suite import quality, training
+
+    data = training.binarize({"train": ["a b c"] * 4, "valid": ["a b"], "test": [f"line {i} of the test text"
+                              for i in range(40)]}, tmp_path)  # fmt: skip
+    assert quality.test_prefix(data, 0) == "test"
+    split = quality.test_prefix(data, 300)
+    assert split == "test_first300" and quality.test_split(300) == split
+    dictionary = Dictionary.load(str(data / "dict.txt"))
+    whole = torch.cat([t for t in data_utils.load_indexed_dataset(str(data / "test"), dictionary)])
+    prefix = torch.cat([t for t in data_utils.load_indexed_dataset(str(data / split), dictionary)])
+    assert prefix.numel() == 300 and torch.equal(prefix, whole[:300])
+    argv = [str(data), "--task", "segment_lm", "--arch", "full_tiny", "--tokens-per-sample", "16", "--cpu"]
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))
+    task = TASK_REGISTRY["segment_lm"].setup_task(cfg.task)
+    task.load_dataset(split)
+    assert len(task.dataset(split)) > 0
+
+
+def test_training_section_times_real_fairseq_train_runs(tmp_path):
+    """``--only training --training-cases fairseq`` at smoke sizes: ours and fairseq's transformer_lm, each a
+    real ``fairseq-train``, with the same parameter count and a ratio to the reference."""
+    run_dir = run.main(["--smoke", "--only", "training", "--training-cases", "fairseq", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["efficient_lm --attention full (ours)", "fairseq transformer_lm"]
+    assert all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows), rows
+    ours, theirs = rows
+    assert ours["params"] == theirs["params"] and theirs["vs_reference"] == 1.0 and ours["vs_reference"] > 0
+    assert "## Training tokens/s" in (run_dir / "summary.md").read_text()
 
 
 def test_a_refused_allocation_is_an_oom_row():

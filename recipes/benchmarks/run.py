@@ -1,17 +1,21 @@
-"""The efficiency leaderboard: every registered mechanism side by side, in one run.
+"""The benchmark suite: every registered mechanism side by side, and each mechanism's own cases, in one run.
 
-    python -m recipes.benchmarks.run --quick              # CPU, under ~20 min on 2 cores
+    python -m recipes.benchmarks.run --quick              # CPU, under 20 min on 2 cores (see docs/benchmarks.md)
     python -m recipes.benchmarks.run                      # the full suite (long; meant for a GPU box)
-    python -m recipes.benchmarks.run --smoke              # tiny sizes, in-process, layer + generation (CI, < 1 min)
+    python -m recipes.benchmarks.run --smoke              # tiny sizes, in-process, layer + generation + mechanisms (CI)
     python -m recipes.benchmarks.run --only layer,generation --device cuda
 
 Sections (``--only``): ``layer`` (one attention layer fwd+bwd, time and peak memory vs N, with the public
 peers installed by ``recipes/benchmarks/install_peers.sh``), ``generation`` (fairseq's generator, ms per
-token vs position), ``evaluation`` (memory vs stride-1 sliding-window evaluation: ``eval_speed``),
-``quality`` (every ``*_tiny`` preset at ``full_tiny``'s size on real PTB characters and WikiText-2, same
-tokens), ``gpu`` (bf16 MFU of ``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA
-only). Every case runs in its own process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of
-address space (CPU): a crash, a timeout or an OOM is a row saying so.
+token vs position), ``mechanisms`` (each mechanism against its own alternative: adaptive span's trimming,
+compressive vs XL memory over the same past, linear attention's decoding and backward, reversible LSH
+models vs depth; ``--mechanism-cases``), ``training`` (``fairseq-train`` tokens/s: ours vs fairseq's
+``transformer_lm``, ``xl_small`` vs ``full_small`` with memory 0 / T / 2T; ``--training-cases``),
+``evaluation`` (``fairseq-eval-lm`` with memory vs stride-1 sliding windows), ``quality`` (every ``*_tiny``
+preset at ``full_tiny``'s size trained on the same tokens of real data), ``gpu`` (bf16 MFU of
+``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA only). Every case runs in its own
+process under ``--case-timeout`` seconds and ``--mem-cap-gb`` of address space (CPU): a crash, a timeout or
+an OOM is a row saying so.
 
 Output in ``<out>/<stamp>/``: ``results.jsonl`` (one line per case, with the settings), ``summary.md``
 (tables with ratios and the goals met / not met), ``layer_scaling.png``, ``generation.png``,
@@ -20,26 +24,30 @@ absolute times drift.
 """
 
 import argparse
+import datetime
 import json
 import os
 import platform
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
-from recipes.benchmarks.suite import generation, layer, plots, quality
+from recipes.benchmarks.suite import evaluation, generation, layer, mechanisms, plots, quality, training
 from recipes.benchmarks.suite.isolate import REPO, failure_status, run_case
-from recipes.benchmarks.train_throughput import start_run, versions
 
-SECTIONS = ("layer", "generation", "evaluation", "quality", "gpu")
-SIZES = {  # setting: (full, --quick, --smoke)
+SECTIONS = ("layer", "generation", "mechanisms", "training", "evaluation", "quality", "gpu")
+SIZES = {  # setting: (full, --quick, --smoke); a flag of the same name overrides it
     "lengths": ([512, 1024, 2048, 4096, 8192, 16384], [512, 1024, 2048, 4096], [64, 128]),
     "gen_tokens": (4096, 1024, 192),
+    "quality_data": (list(quality.DATASETS), ["ptb-chars"], ["ptb-chars"]),
     "quality_updates": (3000, 300, 6),
     "quality_batch": (16, 8, 2),
     "quality_segment": (128, 128, 32),
+    # test tokens fairseq-eval-lm scores per quality run (0: the whole test split); a prefix of the split
+    "quality_test_tokens": (0, 16384, 2048),
 }
 
 
@@ -53,59 +61,98 @@ def _positive_ints(text: str) -> List[int]:
     return values
 
 
+def _names(choices) -> Callable[[str], List[str]]:
+    def parse(text: str) -> List[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = sorted(set(names) - set(choices))
+        if not names or unknown:
+            raise argparse.ArgumentTypeError(f"'{text}': choose from {', '.join(choices)}")
+        return names
+
+    return parse
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--quick", action="store_true", help="CPU-sized: N up to 4096, 1k generated tokens, 300 updates")
+    p.add_argument(
+        "--quick", action="store_true",
+        help="CPU-sized: N up to 4096, 1k generated tokens, small training/evaluation cases, quality on PTB "
+             "characters only (300 updates, test scored on its first --quality-test-tokens)",
+    )  # fmt: skip
     p.add_argument(
         "--smoke", action="store_true",
-        help="tiny sizes, cases in this process, sections layer,generation unless --only: checks the logic (CI)",
+        help="tiny sizes, cases in this process, sections layer,generation,mechanisms unless --only: checks the logic (CI)",
     )  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--summarize", metavar="RUN_DIR", help="only rebuild summary.md and the figures of an earlier run")
     p.add_argument("--out", default="runs/benchmarks/suite", help="output directory (a stamped run dir inside)")
-    p.add_argument("--only", default=None, help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all)")
-    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every case")
     p.add_argument(
-        "--parallel", type=int, default=None,
-        help="quality runs trained at the same time (default: cores / --threads with --quick, else 1)",
-    )  # fmt: skip
-    p.add_argument(
-        "--quality-data", default=",".join(quality.DATASETS),
-        help=f"datasets of the quality section, of {', '.join(quality.DATASETS)} (default: all)",
-    )  # fmt: skip
+        "--only", type=_names(SECTIONS), help=f"comma-separated sections of {', '.join(SECTIONS)} (default: all)"
+    )
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS / MKL_NUM_THREADS of every case")
     p.add_argument("--case-timeout", type=float, default=600, help="seconds before a case is stopped")
     p.add_argument("--mem-cap-gb", type=float, default=16, help="address-space cap of a CPU case (0: none)")
     p.add_argument("--peers-path", default=str(REPO / "runs" / "peers"), help="folder of install_peers.sh")
-    p.add_argument(
+    g = p.add_argument_group("layer section")
+    g.add_argument(
         "--lengths", dest="lengths_arg", type=_positive_ints,
         help="comma-separated N of the layer section (default: by mode, up to 16384)",
     )  # fmt: skip
-    p.add_argument(
+    g.add_argument(
         "--mechanisms", type=lambda text: [m for m in text.split(",") if m],
         help="comma-separated attentions of the layer section, with their peers (default: every registered one; "
              "full, the SDPA reference, is always measured)",
     )  # fmt: skip
-    p.add_argument("--dim", type=int, default=256, help="model dim of the layer cases (heads: --heads)")
-    p.add_argument("--heads", type=int, default=4)
+    g.add_argument("--dim", type=int, default=256, help="model dim of the layer cases (heads: --heads)")
+    g.add_argument("--heads", type=int, default=4, help="attention heads of the layer cases")
+    g = p.add_argument_group("mechanisms, training and evaluation sections")
+    g.add_argument(
+        "--mechanism-cases", type=_names(mechanisms.CASES), default=list(mechanisms.CASES),
+        help=f"cases of the mechanisms section, of {', '.join(mechanisms.CASES)} (default: all)",
+    )  # fmt: skip
+    g.add_argument(
+        "--training-cases", type=_names(training.CASES), default=list(training.CASES),
+        help="comparisons of the training section: fairseq (efficient_lm full vs fairseq transformer_lm), "
+             "xl (xl_small with memory 0, T, 2T vs full_small) (default: both)",
+    )  # fmt: skip
+    g.add_argument("--contexts", type=_positive_ints, help="evaluation: effective contexts C (default: 256,800)")
+    g.add_argument("--eval-segments", type=_positive_ints, help="evaluation: segment lengths T_eval of the memory runs")
+    g.add_argument("--sliding-batch-sizes", type=_positive_ints, help="evaluation: windows per stride-1 forward")
+    g.add_argument("--slice-tokens", type=int, help="evaluation: test tokens of the stride-1 runs")
+    g = p.add_argument_group("quality section")
+    g.add_argument(
+        "--quality-data", type=_names(quality.DATASETS), default=None,
+        help=f"datasets, of {', '.join(quality.DATASETS)} (default: all; ptb-chars with --quick)",
+    )  # fmt: skip
+    g.add_argument("--quality-updates", type=int, help="updates of every preset (default: 3000; 300 with --quick)")
+    g.add_argument(
+        "--quality-test-tokens", type=int,
+        help="score the first this many tokens of the test split (0: all of it; default 0, "
+             f"{SIZES['quality_test_tokens'][1]} with --quick)",
+    )  # fmt: skip
+    g.add_argument(
+        "--parallel", type=int, default=None,
+        help="quality runs trained at the same time (default: cores / --threads with --quick, else 1)",
+    )  # fmt: skip
     a = p.parse_args(argv)
     if a.only is None:
-        a.only = "layer,generation" if a.smoke else ",".join(SECTIONS)
-    a.only = [s.strip() for s in a.only.split(",") if s.strip()]
+        a.only = ["layer", "generation", "mechanisms"] if a.smoke else list(SECTIONS)
     a.isolate = not a.smoke
-    a.quality_data = [d.strip() for d in a.quality_data.split(",") if d.strip()]
-    if set(a.quality_data) - set(quality.DATASETS) or not a.quality_data:
-        p.error(f"--quality-data: choose from {', '.join(quality.DATASETS)}")
     if a.parallel is None:
         a.parallel = max(1, (os.cpu_count() or 1) // a.threads) if a.quick else 1
-    unknown = sorted(set(a.only) - set(SECTIONS))
-    if unknown:
-        p.error(f"unknown section(s) {', '.join(unknown)}: choose from {', '.join(SECTIONS)}")
-    level = 2 if a.smoke else 1 if a.quick else 0
+    a.level = level = 2 if a.smoke else 1 if a.quick else 0
     for name, values in SIZES.items():
-        setattr(a, name, values[level])
+        if getattr(a, name, None) is None:
+            setattr(a, name, values[level])
     a.lengths = a.lengths_arg or a.lengths
+    a.evaluation = {name: values[level] for name, values in evaluation.SIZES.items()}
+    for name in ("contexts", "eval_segments", "sliding_batch_sizes", "slice_tokens"):
+        if getattr(a, name) is not None:
+            a.evaluation[name] = getattr(a, name)
+    if min(a.evaluation["contexts"]) < 2:
+        p.error("--contexts must be >= 2")
     if a.smoke:
         a.dim, a.heads = 32, 2
     return a
@@ -145,20 +192,27 @@ def generation_section(a, env, emit) -> List[Dict]:
     return rows
 
 
+def mechanisms_section(a, env, emit) -> List[Dict]:
+    cap = a.mem_cap_gb if a.device == "cpu" else None
+    return [emit("mechanisms", run_case("mechanism", spec, a.case_timeout, cap, env, a.isolate))
+            for spec in mechanisms.specs(a.mechanism_cases, a.level, a.device)]  # fmt: skip
+
+
+def training_section(a, env, run_dir: Path, emit) -> List[Dict]:
+    if a.device != "cpu":
+        return [emit("training", {"status": "skipped", "error": "the training section runs fairseq-train --cpu"})]
+    rows = training.measure(a.training_cases, a.level, env, run_dir, a.case_timeout)
+    return [emit("training", r) for r in rows]
+
+
 def evaluation_section(a, env, run_dir: Path, emit) -> List[Dict]:
-    out = run_dir / "eval_speed"
-    cmd = [sys.executable, "-m", "recipes.benchmarks.eval_speed", "--out", str(out), "--threads", str(a.threads)]
-    if a.smoke:
-        cmd += ["--quick", "--contexts", "64", "--eval-segments", "32", "--sliding-batch-sizes", "8",
-                "--slice-tokens", "64", "--test-tokens", "512", "--train-updates", "2"]  # fmt: skip
-    elif a.quick:
-        cmd += ["--quick", "--contexts", "256,800", "--eval-segments", "128", "--slice-tokens", "256"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        return [emit("evaluation", {"status": "error", "error": proc.stderr.strip().splitlines()[-1:]})]
-    record = json.loads((out / "results.jsonl").read_text().splitlines()[-1])
-    return [emit("evaluation", {"status": "ok", "context": int(c), "memory_over_stride1": r})
-            for c, r in record["memory_over_stride1"].items()]  # fmt: skip
+    if a.device != "cpu":
+        return [emit("evaluation", {"status": "skipped", "error": "the evaluation section runs fairseq-eval-lm --cpu"})]
+    try:
+        rows = evaluation.measure(a.evaluation, env, run_dir)
+    except RuntimeError as e:
+        return [emit("evaluation", {"status": "error", "error": str(e)[-300:]})]
+    return [emit("evaluation", r) for r in rows]
 
 
 def quality_section(a, env, run_dir: Path, emit) -> List[Dict]:
@@ -169,6 +223,7 @@ def quality_section(a, env, run_dir: Path, emit) -> List[Dict]:
     jobs = []
     for dataset in a.quality_data:
         data = quality.DATASETS[dataset](REPO / "runs" / "benchmarks" / "data")
+        quality.test_prefix(data, a.quality_test_tokens)
         dictionary = Dictionary.load(str(data / "dict.txt"))
         target, _ = quality.parameter_count(quality.REFERENCE, dictionary, {}, a.quality_segment)
         for preset in quality.tiny_presets():
@@ -191,6 +246,33 @@ def gpu_section(a, env, emit) -> List[Dict]:
     ]
     return [emit("gpu", run_case("gpu", {**p, "L": 12, "D": 512, "H": 8, "segment": 512, "batch": 22, "steps": 10,
                                          "device": "cuda"}, a.case_timeout, None, env)) for p in presets]  # fmt: skip
+
+
+def versions() -> Dict[str, str]:
+    """Python, torch, fairseq and numpy versions, and the git commit of this checkout (+dirty if plugins/ is)."""
+    out = {"python": platform.python_version()}
+    for dist, key in (("torch", "torch"), ("fairseq-fixed", "fairseq"), ("numpy", "numpy")):
+        try:
+            out[key] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[key] = "?"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "plugins"], cwd=REPO, capture_output=True, text=True)
+        out["git"] = commit.stdout.strip() + ("+dirty(plugins)" if dirty.stdout.strip() else "")
+    except OSError:
+        out["git"] = "?"
+    return out
+
+
+def start_run(out_arg: str, threads: int):
+    """The stamped run directory ``<out>/<stamp>/`` and the environment of every measured command."""
+    out = Path(out_arg) if Path(out_arg).is_absolute() else REPO / out_arg
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = out / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
+    return stamp, run_dir, env
 
 
 def write_report(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: Optional[float], run_dir: Path) -> str:
@@ -224,9 +306,10 @@ def resummarize(run_dir: Path) -> Path:
         row = {k: v for k, v in record.items() if k not in ("settings", *meta)}
         if row["status"] == "error" and row.get("returncode") is not None:  # classified by today's rules
             row["status"] = failure_status(row["returncode"], row.get("error", ""))
-        rows[row["section"]].append(row)
+        rows.setdefault(row["section"], []).append(row)
     layer.add_ratios(rows["layer"])
     quality.add_param_ratios(rows["quality"])
+    a.level = getattr(a, "level", 2 if a.smoke else 1 if a.quick else 0)
     print(write_report(rows, meta, a, None, run_dir))
     return run_dir
 
@@ -245,7 +328,7 @@ def main(argv=None) -> Path:
         sys.exit(
             f"error: --mechanisms {','.join(unknown)}: not registered; choose from {', '.join(ATTENTION_REGISTRY)}"
         )
-    out, stamp, run_dir, env = start_run(a.out, a.threads)
+    stamp, run_dir, env = start_run(a.out, a.threads)
     if Path(a.peers_path).is_dir():
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), a.peers_path, env.get("PYTHONPATH")]))
         sys.path.append(a.peers_path)  # for the cases run in this process (--smoke)
@@ -256,7 +339,7 @@ def main(argv=None) -> Path:
     meta = {
         "date": stamp,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "versions": versions(REPO / "plugins"),
+        "versions": versions(),
     }
     results = run_dir / "results.jsonl"
 
@@ -264,7 +347,7 @@ def main(argv=None) -> Path:
         row = {"section": section, **row}
         with open(results, "a") as f:
             f.write(json.dumps({**row, "settings": settings, **meta}) + "\n")
-        print(f"[{section}] {plots.label(row) if 'attention' in row or 'peer' in row else row.get('preset', '')} "
+        print(f"[{section}] {plots.label(row) if 'attention' in row or 'peer' in row else row.get('preset') or row.get('model') or row.get('case', '')} "
               f"{row.get('N', '')} {row['status']}", flush=True)  # fmt: skip
         return row
 
@@ -274,6 +357,10 @@ def main(argv=None) -> Path:
         rows["layer"] = layer_section(a, env, emit)
     if "generation" in a.only:
         rows["generation"] = generation_section(a, env, emit)
+    if "mechanisms" in a.only:
+        rows["mechanisms"] = mechanisms_section(a, env, emit)
+    if "training" in a.only:
+        rows["training"] = training_section(a, env, run_dir, emit)
     if "evaluation" in a.only:
         rows["evaluation"] = evaluation_section(a, env, run_dir, emit)
     if "quality" in a.only:

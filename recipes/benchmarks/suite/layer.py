@@ -19,10 +19,16 @@ from .peers import PEERS
 # name -> [(label, option overrides)]; a registered attention missing here runs once with its defaults.
 VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "naive": [],  # the einsum test reference: O(N^2) memory by construction, not a mechanism to rank
-    "lsh": [("H=1", {"lsh_n_hashes": 1}), ("H=2", {"lsh_n_hashes": 2})],  # bucket 64, as the peer's
+    # bucket 64, as the peer's; 1, 2 and 4 rounds as issue 18 compares them
+    "lsh": [("H=1", {"lsh_n_hashes": 1}), ("H=2", {"lsh_n_hashes": 2}), ("H=4", {"lsh_n_hashes": 4})],
     "sparse": [
         ("fixed, L=sqrt N", {"sparse_pattern": "fixed", "sparse_stride": "sqrt N"}),
         ("strided, L=sqrt N", {"sparse_pattern": "strided", "sparse_stride": "sqrt N"}),
+        # the paper's recomputation of the scores in the backward pass (Child et al. 2019, Sec. 5.4)
+        (
+            "fixed, L=sqrt N, checkpoint",
+            {"sparse_pattern": "fixed", "sparse_stride": "sqrt N", "sparse_checkpoint": True},
+        ),
         # distinct summary sub-blocks per head (Child et al. 2019, Sec. 4.3; openai's num_verts): the same keys
         # per query as "fixed" (c = 8, the default) wherever 2 blocks of 8 fit in L (N > 128)
         (

@@ -3,7 +3,7 @@
 Datasets (``../shared/data``): PTB characters (bits per character) and WikiText-2 words (perplexity).
 Each preset runs the real ``fairseq-train`` (``--task segment_lm``, same segment length, batch, optimizer
 and number of updates for all, so every model sees the same tokens), then ``fairseq-eval-lm`` on the test
-split; the row holds valid and test bpc or perplexity, parameters, train tokens/s (fairseq's ``wps``,
+split (or on its first ``--quality-test-tokens`` tokens, the split ``test_first<N>``); the row holds valid and test bpc or perplexity, parameters, train tokens/s (fairseq's ``wps``,
 median interval after the first) and the peak resident memory of the training process (``wait4``).
 
 Equal size: a preset whose parameter count (on that dataset's dictionary) is more than 10% away from
@@ -103,6 +103,36 @@ def sized_overrides(preset: str, dictionary, target: int, segment: int, toleranc
     return {knob: max(1, round(start + (target - params) / per_unit))}
 
 
+def test_split(test_tokens: int) -> str:
+    """The ``--gen-subset`` the quality runs score: ``test``, or ``test_first<N>`` (``test_prefix``)."""
+    return f"test_first{test_tokens}" if test_tokens else "test"
+
+
+def test_prefix(data: Path, test_tokens: int) -> str:
+    """Write the split ``test_first<N>`` of ``data``: the test split's first sentences up to ``test_tokens``
+    tokens, in order (the streams of ``segment_lm`` read it as they read ``test``); return its name. 0: the
+    whole ``test`` split, nothing written."""
+    from fairseq.data import Dictionary, data_utils, indexed_dataset
+
+    split = test_split(test_tokens)
+    if not test_tokens or (data / f"{split}.idx").exists():
+        return split
+    dictionary = Dictionary.load(str(data / "dict.txt"))
+    test = data_utils.load_indexed_dataset(str(data / "test"), dictionary)
+    if test is None:
+        raise SystemExit(f"error: {data}/test.bin is missing: re-binarize {data.name} with a test split")
+    builder = indexed_dataset.make_builder(str(data / f"{split}.bin"), impl="mmap", vocab_size=len(dictionary))
+    total = 0
+    for i in range(len(test)):
+        if total >= test_tokens:
+            break
+        item = test[i][: test_tokens - total]
+        builder.add_item(item)
+        total += item.numel()
+    builder.finalize(str(data / f"{split}.idx"))
+    return split
+
+
 def train_and_eval(preset: str, data: Path, run_dir: Path, a, env: Dict[str, str], overrides: Dict = None) -> Dict:
     """Train ``preset`` (with the size ``overrides``) on ``data``, evaluate on test: one row."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +159,7 @@ def train_and_eval(preset: str, data: Path, run_dir: Path, a, env: Dict[str, str
         return {**row, "status": "error", "error": (tail or ["?"])[0][:300]}
     row["peak_train_mb"] = usage.ru_maxrss / 1024
     evaluate = [str(BIN / "fairseq-eval-lm"), *common, "--path", str(run_dir / "checkpoint_last.pt"),
-                "--gen-subset", "test", "--tokens-per-sample", str(a.quality_segment), "--batch-size", "1"]  # fmt: skip
+                "--gen-subset", test_split(a.quality_test_tokens), "--tokens-per-sample", str(a.quality_segment), "--batch-size", "1"]  # fmt: skip
     with open(run_dir / "train.log", "a") as log:
         subprocess.run(evaluate, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO, check=False)
     run = parse_log(run_dir / "train.log", preset)

@@ -4,6 +4,7 @@ each reported as met / not met / not measured with the number behind it."""
 from collections import defaultdict
 from typing import Dict, List, Optional
 
+from . import evaluation, mechanisms, training
 from .peers import PEERS
 from .plots import label
 
@@ -95,11 +96,18 @@ def goals(rows: Dict[str, List[Dict]]) -> List[str]:
             ratio = r["late_over_early"]
             out.append(f"- linear generation flat in position (<= 1.2x, last vs second 64 of {r['generated']} tokens): "
                        f"{'met' if ratio <= 1.2 else 'not met'} ({ratio:.2f}x)")  # fmt: skip
-    for r in rows["evaluation"]:
-        if r["status"] == "ok" and r["context"] >= 800:
-            ok = r["memory_over_stride1"] >= 300
-            out.append(f"- XL memory evaluation >= 300x stride-1 at C={r['context']}: "
-                       f"{'met' if ok else 'not met'} ({r['memory_over_stride1']:.0f}x)")  # fmt: skip
+    for c, ratio in evaluation.headline([r for r in rows["evaluation"] if r["status"] == "ok"]).items():
+        if c >= 800:
+            out.append(f"- XL memory evaluation >= 300x stride-1 at C={c}: {'met' if ratio >= 300 else 'not met'} "
+                       f"({ratio:.0f}x)")  # fmt: skip
+    for r in rows["training"]:
+        paired = r.get("paired") or r.get("vs_reference")  # paired: None when no repeat has both runs
+        if r["status"] == "ok" and r["case"] == "fairseq" and not r.get("reference"):
+            out.append(f"- efficient_lm full trains at >= 1.0x fairseq transformer_lm's tokens/s: "
+                       f"{'met' if paired >= 1.0 else 'not met'} ({paired:.2f}x paired)")  # fmt: skip
+        if r["status"] == "ok" and r["case"] == "xl" and r.get("mem_len") == 0 and not r.get("reference"):
+            out.append(f"- xl_small (memory off) trains at >= 0.8x full_small's tokens/s at T={r['segment']}: "
+                       f"{'met' if paired >= 0.8 else 'not met'} ({paired:.2f}x paired)")  # fmt: skip
     return out
 
 
@@ -122,11 +130,17 @@ def summarize(rows: Dict[str, List[Dict]], meta: Dict, a, seconds: Optional[floa
             else:
                 parts.append(f"| {label(r)} | {r['status']}: {r.get('error', '')} | | | | |")
         parts.append("")
+    if rows.get("mechanisms"):
+        parts += ["## Mechanisms, each against its own alternative", "", *mechanisms.tables(rows["mechanisms"])]
+    if rows.get("training"):
+        parts += ["## Training tokens/s through fairseq-train (vs the reference of each case: fairseq's "
+                  "transformer_lm, full_small)", "", training.table(rows["training"]), ""]  # fmt: skip
     if rows["evaluation"]:
-        parts += ["## Evaluation: memory vs stride-1 sliding window (eval_speed)", ""]
-        for r in rows["evaluation"]:
-            parts.append(f"- C={r['context']}: {r['memory_over_stride1']:.0f}x" if r["status"] == "ok" else f"- {r}")
-        parts.append("")
+        ok = [r for r in rows["evaluation"] if r["status"] == "ok"]
+        head = "; ".join(f"{ratio:,.0f}x at C={c}" for c, ratio in evaluation.headline(ok).items())
+        parts += ["## Evaluation: fairseq-eval-lm with memory vs stride-1 sliding windows "
+                  f"(memory / stride 1, fastest of each: {head or 'not measured'})", "",
+                  evaluation.table(rows["evaluation"]), ""]  # fmt: skip
     if rows["quality"]:
         parts += quality_tables(rows["quality"], a)
     if rows["gpu"]:

@@ -24,6 +24,10 @@ def measure_case(kind: str, spec: Dict) -> Dict:
         from . import generation
 
         return generation.measure(spec)
+    if kind == "mechanism":
+        from . import mechanisms
+
+        return mechanisms.measure(spec)
     if kind == "gpu":
         from . import gpu
 
