@@ -39,7 +39,7 @@ CASES = ("span", "compressive", "decode", "linear_backward", "reversible")
 # setting: (full, --quick, --smoke); the full sizes are those of the former per-mechanism scripts
 SIZES = {
     "span": {"D": (512, 256, 32), "H": (8, 4, 2), "T": (512, 256, 32), "repeats": (3, 2, 1),
-             "spans": ([1024, 2048, 4096, 8192], [1024, 2048, 4096, 8192], [128])},
+             "spans": ([1024, 2048, 4096, 8192], [1024, 2048, 4096, 8192], [1024])},
     "compressive": {"D": (512, 256, 32), "H": (8, 4, 2), "T": (512, 128, 16), "mem_len": (512, 128, 16),
                     "cmem_len": (512, 128, 8), "rate": (4, 4, 2), "batch": (2, 2, 1), "repeats": (5, 3, 1)},
     "decode": {"D": (256, 256, 32), "H": (4, 4, 2), "positions": ([64, 16384], [64, 4096], [8, 64]),
@@ -83,16 +83,21 @@ def measure(spec: Dict) -> Dict:
 
 
 def timed_steps(step, repeats: int, device: torch.device) -> Dict:
-    """A warm-up step, a step measured for its peak, ``repeats`` timed steps (median ms)."""
+    """A warm-up step, then ``repeats`` timed steps (median ms), the first of them measured for its peak (as
+    the layer section does)."""
     step()
-    peak, _ = peak_memory(step, device)
     times = []
-    for _ in range(repeats):
+
+    def timed():
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - start))
+
+    peak, _ = peak_memory(timed, device)
+    for _ in range(repeats - 1):
+        timed()
     return {"ms": statistics.median(times), "peak_mb": peak / 2**20}
 
 

@@ -251,7 +251,7 @@ def _rows(case: str, s: Dict, configs: List[Dict], runs: List[List[Dict]], code:
     for c, rs in zip(configs, runs):
         ok = [r for r in rs if r["status"] == "ok"]
         row = {k: v for k, v in c.items() if k != "cmd"}
-        row.update(command=" ".join(c["cmd"]), plugins_hash=code, settings=s, runs=rs)
+        row.update(command=" ".join(c["cmd"]), plugins_hash=code, sizes=s, runs=rs)
         if not ok:
             out.append({**row, "status": rs[-1]["status"], "error": rs[-1].get("error", "")})
             continue
