@@ -59,8 +59,9 @@ def test_quick_is_bounded_and_runs_every_section():
                             "--contexts", "1600", "--training-cases", "xl"])  # fmt: skip
     assert again.quality_data == ["ptb-chars", "wikitext-2"] and again.quality_test_tokens == 0
     assert again.evaluation["contexts"] == [1600] and again.training_cases == ["xl"]
-    with pytest.raises(SystemExit):
-        run.parse_args(["--only", "layer,nope"])
+    for bad in (["--only", "layer,nope"], ["--quality-test-tokens", "-1"], ["--mechanism-cases", "span,nope"]):
+        with pytest.raises(SystemExit):
+            run.parse_args(bad)
 
 
 def test_quality_test_prefix_is_the_start_of_the_test_split(tmp_path):

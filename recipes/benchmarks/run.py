@@ -153,6 +153,10 @@ def parse_args(argv=None):
             a.evaluation[name] = getattr(a, name)
     if min(a.evaluation["contexts"]) < 2:
         p.error("--contexts must be >= 2")
+    if a.quality_test_tokens < 0 or a.quality_updates < 1 or a.evaluation["slice_tokens"] < 1:
+        p.error(
+            "--quality-test-tokens must be >= 0 (0: the whole test split), --quality-updates and --slice-tokens >= 1"
+        )
     if a.smoke:
         a.dim, a.heads = 32, 2
     return a
