@@ -7,8 +7,11 @@ Softmax similarity exp(q.k) is replaced by a kernel phi(q).phi(k) (Sec. 3.2, Eq.
 
 - Parallel (training): a chunked form, quadratic inside chunks of C positions and a carried state
   between them, so time and memory are linear in N and the N x F x Dh cumulative sum is never built.
-  The causal product is an ``autograd.Function`` whose backward recomputes the chunk states instead of
-  storing them (the gradient of Sec. 3.3.1, chunked): only phi(Q), phi(K), V are kept for backward.
+  ``CausalLinearAttention`` computes the whole normalized product (feature map, sums, division) block
+  by block in buffers reused across blocks, and its hand-written backward (the gradient of Sec. 3.3.1,
+  chunked) recomputes phi and the chunk states instead of storing them: only q, k, v, the output, the
+  normalizer and one state per block are kept for backward. Few fresh buffers is what makes it fast on
+  a CPU: each large new tensor is a fresh mapping whose pages fault on first touch.
 - RNN mode (Sec. 3.4): the state (S, Z) is all the past a layer needs; decoding one token costs
   O(F Dh) time and memory whatever its position. The same state, carried across ``segment_lm``
   segments (detached by the decoder), gives a model unbounded context in training and evaluation.
@@ -24,7 +27,7 @@ with a fixed projection drawn once at construction (seeded by fairseq's ``--seed
 
 Shapes: B = batch, H = heads, T = positions of this call, Dh = head dim, F = feature dim (Dh for elu and
 relu, ``--favor-features`` for favor), E = Dh + 1 (values and the ones column), C = chunk size,
-n = number of chunks.
+n = number of chunks, nb = chunks per block, P = nb C positions per block.
 """
 
 import logging
@@ -179,17 +182,13 @@ def _exclusive_cumsum(states: Tensor, reverse: bool = False) -> Tensor:
     return out
 
 
-def _add_matmul_(out: Tensor, a: Tensor, b: Tensor) -> None:
-    """out += a @ b over the leading dimensions, in place (no temporary for the product)."""
-    out.view(-1, *out.shape[-2:]).baddbmm_(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]))
-
-
 def causal_dot_product_reference(q: Tensor, k: Tensor, v: Tensor, chunk: int) -> Tensor:
     """out_i = sum_{j<=i} (q_i . k_j) v_j in chunks (q, k: ... x T x F, v: ... x T x E -> ... x T x E).
 
     Inside a chunk, the masked C x C products; across chunks, the state sum_{j in earlier chunks}
     k_j v_j^T (n x F x E in all: linear in T). Differentiable by autograd, which then stores the C x C
-    products and the chunk states; ``CausalDotProduct`` is the same forward with a recomputing backward."""
+    products and the chunk states. The layer runs ``CausalLinearAttention`` (the same sums in blocks, with
+    the normalization and a recomputing backward); this plain form is the tests' and benchmarks' yardstick."""
     T = q.size(-2)
     chunk = max(1, min(chunk, T))  # a short call (one generated token) is one small chunk, not a padded one
     qc, kc, vc = (_to_chunks(t, chunk) for t in (q, k, v))  # ... x n x C x W
@@ -198,47 +197,6 @@ def causal_dot_product_reference(q: Tensor, k: Tensor, v: Tensor, chunk: int) ->
     prefix = _exclusive_cumsum(kc.transpose(-1, -2) @ vc)  # ... x n x F x E
     out = intra + qc @ prefix  # ... x n x C x E
     return out.flatten(-3, -2)[..., :T, :]  # ... x T x E
-
-
-class CausalDotProduct(torch.autograd.Function):
-    """``causal_dot_product_reference`` with the gradient of Katharopoulos et al. 2020, Sec. 3.3.1
-    (Eq. 13-15), chunked: for g = dL/d out,
-
-        dq_i = sum_{j<=i} (g_i . v_j) k_j      (prefix states S, recomputed forward over the chunks)
-        dk_j = sum_{i>=j} (g_i . v_j) q_i      (suffix states R = sum_{i in later chunks} q_i g_i^T)
-        dv_j = sum_{i>=j} (q_i . k_j) g_i
-
-    Only q, k, v are saved; the n x F x E chunk states and the C x C products are temporaries of the
-    backward, so activation memory is that of the inputs alone."""
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, chunk: int) -> Tensor:
-        ctx.save_for_backward(q, k, v)
-        ctx.chunk = max(1, min(chunk, q.size(-2)))
-        return causal_dot_product_reference(q, k, v, chunk)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: Tensor):
-        q, k, v = ctx.saved_tensors
-        chunk, T = ctx.chunk, q.size(-2)
-        with torch.autocast(grad.device.type, enabled=False):
-            qc, kc, vc, gc = (_to_chunks(t, chunk) for t in (q, k, v, grad.to(v.dtype)))  # ... x n x C x W
-            future = ~torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()  # C x C: j > i
-            # in the order that frees each temporary soonest (the backward's peak memory is its temporaries)
-            gv = (gc @ vc.transpose(-1, -2)).masked_fill_(future, 0)  # ... x n x C x C: [i, j] = g_i . v_j, j <= i
-            dq = gv @ kc
-            _add_matmul_(dq, gc, _exclusive_cumsum(kc.transpose(-1, -2) @ vc).transpose(-1, -2))  # prefix states
-            dk = gv.transpose(-1, -2) @ qc
-            del gv
-            suffix = _exclusive_cumsum(qc.transpose(-1, -2) @ gc, reverse=True)  # ... x n x F x E
-            _add_matmul_(dk, vc, suffix.transpose(-1, -2))
-            qk = (qc @ kc.transpose(-1, -2)).masked_fill_(future, 0)  # [i, j] = q_i . k_j, j <= i
-            dv = qk.transpose(-1, -2) @ gc
-            del qk
-            _add_matmul_(dv, kc, suffix)
-        dq, dk, dv = (x.flatten(-3, -2)[..., :T, :] for x in (dq, dk, dv))  # ... x T x W
-        return dq, dk, dv, None
 
 
 BLOCK = 256  # positions per block of the fused product: 128-512 measure alike on a CPU (D 256, 4 heads); 256 is fastest at N = 512
