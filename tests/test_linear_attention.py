@@ -87,7 +87,7 @@ def test_fused_product_equals_the_masked_quadratic_form(feature_map, T, chunk, b
     of the state before the call, for a loss on both outputs. Pointwise maps run inside the function;
     favor's features are computed outside and passed in (phi None)."""
     torch.manual_seed(T)
-    phi = FEATURE_MAPS[feature_map](Dh, SimpleNamespace(favor_features=12)).double()
+    phi = FEATURE_MAPS[feature_map](Dh, SimpleNamespace(favor_features=5)).double()  # favor: F < Dh
     pointwise = phi if feature_map != "favor" else None
     q, k, v = (torch.randn(B, H, T, Dh, dtype=torch.float64, requires_grad=True) for _ in range(3))
     past = torch.rand(B, H, phi.dim, Dh + 1, dtype=torch.float64, requires_grad=True) if with_state else None

@@ -207,7 +207,7 @@ def _blocks(T: int, chunk: int, block: int) -> Tuple[int, int, int]:
     padding."""
     C = max(1, min(chunk, T))
     chunks = -(-T // C)
-    blocks = -(-chunks // max(1, block // C))
+    blocks = max(1, -(-chunks // max(1, block // C)))
     return C, -(-chunks // blocks), blocks
 
 
@@ -334,8 +334,10 @@ class CausalLinearAttention(torch.autograd.Function):
                 L = min(nb * C, T - t0)
                 ws.load(q, k, v, t0, L)
                 torch.div(grad[:, :, t0 : t0 + L], den[:, :, t0 : t0 + L, None], out=G[:, :, :L, :Dh])
-                torch.mul(G[:, :, :L, :Dh], out[:, :, t0 : t0 + L], out=dfq[:, :, :L, :Dh])  # (scratch)
-                torch.sum(dfq[:, :, :L, :Dh], -1, out=G[:, :, :L, Dh]).neg_()
+                scratch = dv1.view(B, H, -1, Dh)[:, :, :L]
+                torch.sum(
+                    torch.mul(G[:, :, :L, :Dh], out[:, :, t0 : t0 + L], out=scratch), -1, out=G[:, :, :L, Dh]
+                ).neg_()
                 torch.bmm(fk.transpose(1, 2), v1, out=prefix)
                 before.copy_(starts[b])
                 _running_sum_(ws.states, before, spare)
