@@ -315,7 +315,7 @@ def test_forward_backward_allocates_little_more_than_its_results():
     """elu, T = 2048, 4 heads of 64 (the suite's layer), q, k, v views of one projection: forward and
     backward create the output, the incoming gradient, the three gradients and their concatenation into
     the projection's gradient (8 units of B x H x T x Dh) and block-sized buffers (2.5 units here). The
-    previous form created 53 units (phi(Q), phi(K), [V, 1], the C x C products, the chunk states and
+    previous form created 54 units (phi(Q), phi(K), [V, 1], the C x C products, the chunk states and
     their running sums, in each pass)."""
     torch.manual_seed(0)
     T, heads, dim = 2048, 4, 64
