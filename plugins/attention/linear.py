@@ -199,7 +199,15 @@ def causal_dot_product_reference(q: Tensor, k: Tensor, v: Tensor, chunk: int) ->
     return out.flatten(-3, -2)[..., :T, :]  # ... x T x E
 
 
-BLOCK = 256  # positions per block of the fused product: 128-512 measure alike on a CPU (D 256, 4 heads); 256 is fastest at N = 512
+# positions per block of the fused product on a CPU: 128-512 measure alike (D 256, 4 heads), 256 is fastest
+# at N = 512. Elsewhere one block (all chunks batched in each call, no Python loop, as the previous form;
+# a GPU's caching allocator makes fresh buffers cheap). Not measured on a GPU.
+BLOCK = 256
+
+
+def _block(x: Tensor) -> int:
+    """Positions per block for x (B x H x T x W)."""
+    return BLOCK if x.device.type == "cpu" else x.size(-2)
 
 
 def _blocks(T: int, chunk: int, block: int) -> Tuple[int, int, int]:
@@ -385,10 +393,10 @@ def causal_linear_attention(
             num_den = fq @ total  # B x H x 1 x E
             out = num_den[..., :-1] / (num_den[..., -1:] + EPS)  # B x H x 1 x Dh
         elif isinstance(feature_map, PointwiseFeatureMap):  # phi computed inside, block by block
-            out, total = CausalLinearAttention.apply(q, k, v, past, feature_map, chunk, BLOCK)
+            out, total = CausalLinearAttention.apply(q, k, v, past, feature_map, chunk, _block(q))
         else:
             fq, fk = feature_map(q, is_query=True), feature_map(k, is_query=False)  # B x H x T x F
-            out, total = CausalLinearAttention.apply(fq, fk, v, past, None, chunk, BLOCK)
+            out, total = CausalLinearAttention.apply(fq, fk, v, past, None, chunk, _block(q))
         new_state = None if keep == 0 else LinearState(total[..., :-1], total[..., -1])
     return out.to(dtype), new_state
 
