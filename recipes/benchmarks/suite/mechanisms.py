@@ -15,7 +15,7 @@
 - ``decode`` (linear attention, Katharopoulos et al. 2020, RNN mode): one layer without gradients, ms per
   generated token after a prefix of P positions (P = 64 and the largest), ``linear`` (state (S, Z)) against
   ``full`` (K/V cache of P positions).
-- ``linear_backward``: our causal linear attention with its recomputing backward (``CausalDotProduct``)
+- ``linear_backward``: our causal linear attention with its recomputing backward (``CausalLinearAttention``)
   against the same chunked forward differentiated by autograd (which also saves the chunk products and
   states): forward + backward time, peak memory and bytes saved for backward per N.
 - ``reversible`` (Reformer, Kitaev et al. 2020): one training step of an LSH model (2 hashes, D 256, FFN
