@@ -47,6 +47,7 @@ from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
+from .distance_bias import distance_bias_applies, distance_bias_attention, position_rows
 from .persistent import PersistentMemoryConfig
 from .relative_sinusoid import sinusoid_relative_attention
 
@@ -131,13 +132,34 @@ class RelativeAttention(Attention):
         out, _ = self.relative_attention(q, k, v, window=keep if self.cfg.same_length else None)
         return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)
 
-    def position_keys(self, num_keys: int, q: Tensor) -> Tensor:
-        """W_R r_d for the S distances d = S-1 .. 0 (clamped to ``--clamp-len``), by head: H x S x Dh."""
-        distance = torch.arange(num_keys - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
+    def position_keys(self, num_keys: int, q: Tensor, negative: int = 0) -> Tensor:
+        """W_R r_d for the S distances d = S-1 .. 0 (clamped to ``--clamp-len``), by head: H x S x Dh; with
+        ``negative`` > 0, followed by the rows of distances -1 .. -negative (those of distance 0: placeholders
+        for keys after the query, which are masked): H x (S + negative) x Dh."""
+        distance = torch.arange(
+            num_keys - 1, -1 - negative, -1, device=q.device
+        )  # distance of row s from the last query
+        distance = distance.clamp(min=0)
         if self.cfg.clamp_len > 0:
             distance = distance.clamp(max=self.cfg.clamp_len)
-        r = self.r_proj(self.sinusoid(distance, q.dtype))  # S x D
-        return r.view(num_keys, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
+        r = self.r_proj(self.sinusoid(distance, q.dtype))  # (S + negative) x D
+        return r.view(distance.numel(), self.num_heads, self.head_dim).transpose(0, 1)  # H x (S + negative) x Dh
+
+    def distance_bias_route(
+        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int], chunk: int, need_usage: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``relative_attention`` by ``distance_bias.py``: (q + u) and (q + v) scaled, the position keys of
+        distances S-1 .. -(C-1) (H x (S + C - 1) x Dh), the shift as a strided view, a hand-written backward."""
+        B, H, T, _ = q.shape
+        S = k.size(2)
+        top, rows = position_rows(S, T, chunk)
+        r = self.position_keys(S, q, rows - S).contiguous()  # H x E x Dh, row e = distance S-1-e
+        kp = vp = None
+        if self.persistent is not None:  # content term only, never masked
+            kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
+        qc = (q + self.u[:, None]) * self.scale  # B x H x T x Dh
+        qp = (q + self.v[:, None]) * self.scale
+        return distance_bias_attention(qc, qp, k, v, r, top, chunk, window, kp=kp, vp=vp, usage=need_usage)
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
         """The position term (b)+(d), scaled, of T queries over the last S keys, -inf where a query may
@@ -171,6 +193,8 @@ class RelativeAttention(Attention):
         S = k.size(2)
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
+        if not need_weights and distance_bias_applies(q, self.dropout if self.training else 0.0):
+            return self.distance_bias_route(q, k, v, window, chunk, need_usage)
         if need_weights or chunk >= T:
             out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
             if need_usage:

@@ -1,0 +1,184 @@
+"""Softmax attention with an additive term that depends on the query-key distance, in query chunks, with a
+hand-written backward pass: the explicit route of relative attention (``relative.py``, Dai et al. 2019,
+arXiv 1901.02860, Sec. 3.3 and App. B) and of adaptive span (``adaptive_span.py``, Sukhbaatar et al. 2019).
+
+For query i at key position a_i and key j (distance d = a_i - j), per head::
+
+    A_ij = qc_i . k_j  +  qp_i . R_d  +  c_d        (-inf where d < 0, or d >= window)
+    out_i = sum_j softmax_j(A_ij) v_j
+
+with qc the content queries and qp the position queries (already scaled, the biases u, v added by the
+caller), R_d a position key per distance (by head, or one table for all heads) and c_d an optional additive
+term per distance and head (adaptive span's log soft mask). Persistent slots (``persistent.py``) join the
+keys with the content term only, never masked.
+
+**The shift as a strided view** (the "relative shift" of the official Transformer-XL code, App. B). A chunk
+of C queries sees the L keys lo .. hi-1 (none after its last query, none before its first query's window),
+so its distances run from L-1 down to -(C-1): the position scores of all of them are ONE C x (L + C - 1)
+matrix product P = qp R^T, column m holding distance L-1-m. Query c, key j has distance L-C+c-j, i.e.
+column C-1-c+j: row c of the by-key matrix starts one column earlier than row c-1 does, so the by-key
+matrix is the zero-copy view ``P.as_strided((C, L), (L + C - 2, 1), offset=C-1)``. The causal mask is the
+column block of negative distances (the last C-1 columns of P) and the window mask the block of distances
+>= window (the first columns): both are filled with -inf in P once, before the shift, instead of a C x L
+mask (no gather, no index or boolean tensor, no ``masked_fill``).
+
+**Backward without autograd's stored graph.** The forward keeps only its inputs and its output (B x H x T x
+Dh): no C x L tensor survives a chunk. The backward recomputes each chunk's weights W = softmax(A) (two
+matrix products, as memory-efficient attention does, Rabe & Staats 2021; FlashAttention, Dao et al. 2022)
+and applies::
+
+    dV = W^T dO,    dA = W * (dO V^T - rowsum(dO * O)),    dqc = dA K,    dK = dA^T qc,
+    dP = unshift(dA)  (zero outside the view),    dqp = dP R,    dR = dP^T qp,    dc = colsum(dP)
+
+so a chunk costs 3 matrix products forward and 8 backward (autograd with ``torch.utils.checkpoint``, the
+former route, does 12 and several more passes over C x L: the float mask of a math-kernel SDPA call, its
+gradient, the gather and its scatter). The arithmetic is the same function as the former route (tests:
+tests/test_distance_bias.py against the paper's equation written plainly, tests/test_long_context.py,
+tests/test_relative_sinusoid.py against the former route).
+
+Chunks: C queries such that one sequence's H x C x (N + L) scores hold at most ``--score-chunk-elements``
+(``chunking.py``); one chunk when everything fits.
+
+Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = persistent slots,
+C = queries per chunk, L = keys of a chunk, Dh = head dim, G = heads of the position table (H or 1),
+E = rows of the position table.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .chunking import chunk_bounds
+
+
+def key_range(S: int, T: int, t0: int, t1: int, window: Optional[int]) -> Tuple[int, int]:
+    """Keys lo .. hi-1 that queries t0 .. t1-1 (the last T of the S keys) may see: none after the last
+    query; with a ``window``, none before the first query's window."""
+    hi = S - T + t1
+    lo = 0 if window is None else max(0, S - T + t0 - window + 1)
+    return lo, hi
+
+
+class DistanceBiasAttention(torch.autograd.Function):
+    """softmax(qc K^T + shift(qp R^T + c), masked) V in query chunks; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, qc, qp, k, v, R, colbias, kp, vp, top: int, window: Optional[int], chunk: int, usage: bool):
+        """qc, qp: B x H x T x Dh; k, v: B x H x S x Dh; R: G x E x Dh, row e = distance ``top`` - e (rows for
+        distances top .. -(C-1) at least); colbias: H x E or 1 x E (same rows) or None; kp, vp: B x H x N x Dh
+        persistent slots or None; window: allowed distances 0 .. window-1 (None: every d >= 0). Returns the
+        output B x H x T x Dh and, if ``usage``, the attention each key received (B x S: weights averaged over
+        heads, summed over queries; over the S keys, not the slots) else an empty tensor."""
+        B, H, T, _ = qc.shape
+        S = k.size(2)
+        received = qc.new_zeros(B, S) if usage else qc.new_zeros(0)
+        outs = []
+        for t0, t1 in chunk_bounds(T, chunk):
+            weights, lo, hi, keys_values = DistanceBiasAttention.chunk_weights(
+                qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1
+            )  # fmt: skip
+            outs.append(weights @ keys_values[1])  # B x H x C x Dh
+            if usage:
+                N = weights.size(-1) - (hi - lo)
+                received[:, lo:hi] += weights[..., N:].mean(dim=1).sum(dim=1)  # B x L
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # B x H x T x Dh
+        ctx.save_for_backward(qc, qp, k, v, R, colbias, kp, vp, out)
+        ctx.top, ctx.window, ctx.chunk = top, window, chunk
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def chunk_weights(qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1):
+        """Softmax weights of queries t0 .. t1-1 (B x H x C x (N + L)), the key range lo, hi, the keys and
+        values they see ([slots; k[lo:hi]], B x H x (N + L) x Dh), the position scores P by distance
+        (H x B x C x (L + C - 1)) and the position queries as multiplied (G x X x Dh)."""
+        B, H, T, Dh = qc.shape
+        S = k.size(2)
+        lo, hi = key_range(S, T, t0, t1, window)
+        C, L = t1 - t0, hi - lo
+        Lp = L + C - 1  # distances L-1 .. -(C-1), column m = distance L-1-m
+        G = R.size(0)
+        rows = slice(top - (L - 1), top + C)  # rows of R for those distances
+        qp_c = qp[:, :, t0:t1].transpose(0, 1).reshape(G, -1, Dh)  # G x (H/G * B * C) x Dh
+        P = torch.bmm(qp_c, R[:, rows].transpose(1, 2))  # G x X x Lp
+        P = P.view(H, B, C, Lp)
+        if colbias is not None:
+            P += colbias[:, rows][:, None, None, :]  # H (or 1) x Lp, by distance
+        P[..., L:] = float("-inf")  # negative distances: keys after the query
+        if window is not None and L > window:
+            P[..., : L - window] = float("-inf")  # distances >= window
+        by_key = P.as_strided((H, B, C, L), (B * C * Lp, C * Lp, Lp - 1, 1), P.storage_offset() + C - 1)
+        keys, values = k[:, :, lo:hi], v[:, :, lo:hi]  # B x H x L x Dh
+        if kp is not None:
+            keys, values = torch.cat([kp, keys], dim=2), torch.cat([vp, values], dim=2)  # B x H x (N + L) x Dh
+        scores = qc[:, :, t0:t1] @ keys.transpose(-1, -2)  # B x H x C x (N + L)
+        scores[..., scores.size(-1) - L :] += by_key.transpose(0, 1)
+        weights = torch.softmax(scores, dim=-1)
+        return weights, lo, hi, (keys, values, P, qp_c, rows)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_received):
+        qc, qp, k, v, R, colbias, kp, vp, out = ctx.saved_tensors
+        B, H, T, Dh = qc.shape
+        G = R.size(0)
+        dqc, dqp = torch.zeros_like(qc), torch.zeros_like(qp)
+        dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
+        dc = None if colbias is None else torch.zeros_like(colbias)
+        dkp = None if kp is None else torch.zeros_like(kp)
+        dvp = None if vp is None else torch.zeros_like(vp)
+        N = 0 if kp is None else kp.size(2)
+        for t0, t1 in chunk_bounds(T, ctx.chunk):
+            weights, lo, hi, (keys, values, P, qp_c, rows) = DistanceBiasAttention.chunk_weights(
+                qc, qp, k, v, R, colbias, kp, vp, ctx.top, ctx.window, t0, t1
+            )  # fmt: skip
+            C, L, Lp = t1 - t0, hi - lo, P.size(-1)
+            g = grad_out[:, :, t0:t1]  # B x H x C x Dh
+            d_values = weights.transpose(-1, -2) @ g  # B x H x (N + L) x Dh
+            delta = (g * out[:, :, t0:t1]).sum(dim=-1, keepdim=True)  # B x H x C x 1
+            dA = (g @ values.transpose(-1, -2)).sub_(delta).mul_(weights)  # B x H x C x (N + L)
+            del weights
+            dqc[:, :, t0:t1] = dA @ keys
+            d_keys = dA.transpose(-1, -2) @ qc[:, :, t0:t1]  # B x H x (N + L) x Dh
+            dk[:, :, lo:hi] += d_keys[:, :, N:]
+            dv[:, :, lo:hi] += d_values[:, :, N:]
+            if kp is not None:
+                dkp += d_keys[:, :, :N]
+                dvp += d_values[:, :, :N]
+            dP = torch.zeros_like(P)  # H x B x C x Lp: the view's inverse, zero where the view does not read
+            dP.as_strided((H, B, C, L), (B * C * Lp, C * Lp, Lp - 1, 1), C - 1).copy_(dA[..., N:].transpose(0, 1))
+            del dA
+            dP = dP.view(G, -1, Lp)  # G x X x Lp
+            dqp[:, :, t0:t1] = torch.bmm(dP, R[:, rows]).view(H, B, C, Dh).transpose(0, 1)
+            dR[:, rows] += torch.bmm(dP.transpose(1, 2), qp_c)  # G x Lp x Dh
+            if dc is not None:
+                column_sums = dP.view(H, B * C, Lp).sum(dim=1)  # H x Lp
+                dc[:, rows] += column_sums.sum(dim=0, keepdim=True) if dc.size(0) == 1 else column_sums
+        return dqc, dqp, dk, dv, dR, dc, dkp, dvp, None, None, None, None
+
+
+def distance_bias_attention(
+    qc: Tensor, qp: Tensor, k: Tensor, v: Tensor, R: Tensor, top: int, chunk: int, window: Optional[int] = None,
+    colbias: Optional[Tensor] = None, kp: Optional[Tensor] = None, vp: Optional[Tensor] = None,
+    usage: bool = False,
+) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """softmax_j(qc_i . k_j + qp_i . R_(a_i - j) + c_(a_i - j)) v_j over [slots; keys] with the causal mask
+    (and ``window``), query i at key position S - T + i, in chunks of ``chunk`` queries: B x H x T x Dh, and
+    with ``usage`` the attention each of the S keys received (B x S, no gradient), else None. R: G x E x Dh
+    with row e = distance ``top`` - e, covering distances from the longest a chunk sees down to -(chunk - 1)
+    (``position_rows``)."""
+    out, received = DistanceBiasAttention.apply(qc, qp, k, v, R, colbias, kp, vp, top, window, chunk, usage)
+    return out, (received if usage else None)
+
+
+def distance_bias_applies(q: Tensor, dropout: float) -> bool:
+    """Whether ``distance_bias_attention`` computes the call: no dropout on the weights (the backward would
+    have to redraw the mask), float32/float64 outside autocast (the backward runs in the inputs' dtype)."""
+    return dropout == 0.0 and q.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type)
+
+
+def position_rows(S: int, T: int, chunk: int) -> Tuple[int, int]:
+    """(top, E): the rows of a position table for ``distance_bias_attention`` over S keys and T queries in
+    chunks of ``chunk``: distances top = S - 1 down to -(C - 1), E = S + C - 1 rows (C = min(chunk, T))."""
+    C = min(chunk, T)
+    return S - 1, S + C - 1
