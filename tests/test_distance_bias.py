@@ -117,9 +117,12 @@ def test_adaptive_span_route_is_the_papers_equation(persistent):
 
 
 @pytest.mark.parametrize(
-    "heads_in_table, colbias, window, slots", [(2, False, None, 0), (1, True, 3, 0), (2, True, None, 2)]
+    "heads_in_table, colbias, window, slots, dropout",
+    [(2, False, None, 0, 0.0), (1, True, 3, 0, 0.0), (2, True, None, 2, 0.0), (2, True, 4, 2, 0.3)],
 )
-def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window, slots):
+def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window, slots, dropout):
+    """Finite differences of the output against the backward pass (with dropout: the same masks, redrawn
+    from the RNG state saved by the forward)."""
     torch.manual_seed(0)
     B, T, S, Dh, chunk = 2, 5, 7, 3, 2
 
@@ -134,7 +137,8 @@ def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window,
     kp, vp = (rand(B, H, slots, Dh), rand(B, H, slots, Dh)) if slots else (None, None)
 
     def f(*args):
-        return DistanceBiasAttention.apply(*args, top, window, chunk, False)[0]
+        torch.manual_seed(1)  # the same dropout masks at every evaluation
+        return DistanceBiasAttention.apply(*args, top, window, chunk, False, dropout)[0]
 
     assert torch.autograd.gradcheck(f, (qc, qp, k, v, R, c, kp, vp))
 
@@ -167,3 +171,20 @@ def test_the_route_uses_no_gather_mask_or_recomputed_chunk():
     chunks = 4
     products = [op for op in counter.ops if op in ("bmm", "matmul", "baddbmm")]
     assert len(products) == 11 * chunks, counter.ops
+
+
+def test_dropout_masks_the_weights_like_f_dropout():
+    """With dropout, out = (W * mask / (1 - p)) V with F.dropout's arithmetic: the weights computed without
+    dropout, the same Bernoulli draws (same seed, same shape) applied by hand, give the same output."""
+    torch.manual_seed(0)
+    B, T, S, Dh, chunk, p = 1, 6, 6, 4, 6, 0.4
+    top, rows = position_rows(S, T, chunk)
+    args = [torch.randn(*shape, dtype=torch.float64) for shape in [(B, H, T, Dh)] * 2 + [(B, H, S, Dh)] * 2]
+    R = torch.randn(H, rows, Dh, dtype=torch.float64)
+    weights, *_ = DistanceBiasAttention.chunk_weights(*args, R, None, None, None, top, None, 0, T)
+    torch.manual_seed(3)
+    out = DistanceBiasAttention.apply(*args, R, None, None, None, top, None, chunk, False, p)[0]
+    torch.manual_seed(3)
+    mask = torch.empty_like(weights).bernoulli_(1 - p)
+    torch.testing.assert_close(out, (weights * mask / (1 - p)) @ args[3], rtol=1e-12, atol=1e-12)
+    assert (mask == 0).any()

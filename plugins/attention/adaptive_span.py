@@ -268,7 +268,7 @@ class AdaptiveSpanAttention(Attention):
 
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S_k + N, self.cfg.score_chunk_elements)
-        if not official and distance_bias_applies(q, self.dropout if self.training else 0.0):
+        if not official and distance_bias_applies(q):
             out = self.distance_bias_route(q, k, v, W, chunk)  # B x H x T x Dh
             return self.out_proj(self.merge_heads(out)), new_mem
         if chunk >= T:  # one pass
@@ -297,7 +297,8 @@ class AdaptiveSpanAttention(Attention):
         if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
             kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
         qs = q * self.scale  # B x H x T x Dh: the content and the position query
-        out, _ = distance_bias_attention(qs, qs, k, v, table, top, chunk, W, colbias, kp, vp)
+        p = self.dropout if self.training else 0.0
+        out, _ = distance_bias_attention(qs, qs, k, v, table, top, chunk, W, colbias, kp, vp, dropout=p)
         return out
 
     def attend_chunk(self, q, k, v, t0: int, t1: int, lo: int, hi: int, W: int, official: bool) -> Tensor:

@@ -64,27 +64,32 @@ class DistanceBiasAttention(torch.autograd.Function):
     """softmax(qc K^T + shift(qp R^T + c), masked) V in query chunks; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, qc, qp, k, v, R, colbias, kp, vp, top: int, window: Optional[int], chunk: int, usage: bool):
+    def forward(
+        ctx, qc, qp, k, v, R, colbias, kp, vp, top: int, window: Optional[int], chunk: int, usage: bool, dropout: float
+    ):
         """qc, qp: B x H x T x Dh; k, v: B x H x S x Dh; R: G x E x Dh, row e = distance ``top`` - e (rows for
         distances top .. -(C-1) at least); colbias: H x E or 1 x E (same rows) or None; kp, vp: B x H x N x Dh
-        persistent slots or None; window: allowed distances 0 .. window-1 (None: every d >= 0). Returns the
+        persistent slots or None; window: allowed distances 0 .. window-1 (None: every d >= 0); dropout: the
+        probability of zeroing a weight (the backward redraws the same masks from the saved RNG state). Returns the
         output B x H x T x Dh and, if ``usage``, the attention each key received (B x S: weights averaged over
         heads, summed over queries; over the S keys, not the slots) else an empty tensor."""
         B, H, T, _ = qc.shape
         S = k.size(2)
         received = qc.new_zeros(B, S) if usage else qc.new_zeros(0)
+        ctx.rng = rng_state(qc.device) if dropout > 0 else None
         outs = []
         for t0, t1 in chunk_bounds(T, chunk):
             weights, lo, hi, keys_values = DistanceBiasAttention.chunk_weights(
                 qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1
             )  # fmt: skip
-            outs.append(weights @ keys_values[1])  # B x H x C x Dh
+            kept = weights if dropout == 0 else weights * dropout_scale(weights, dropout)
+            outs.append(kept @ keys_values[1])  # B x H x C x Dh
             if usage:
                 N = weights.size(-1) - (hi - lo)
                 received[:, lo:hi] += weights[..., N:].mean(dim=1).sum(dim=1)  # B x L
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # B x H x T x Dh
         ctx.save_for_backward(qc, qp, k, v, R, colbias, kp, vp, out)
-        ctx.top, ctx.window, ctx.chunk = top, window, chunk
+        ctx.top, ctx.window, ctx.chunk, ctx.dropout = top, window, chunk, dropout
         ctx.mark_non_differentiable(received)
         return out, received
 
@@ -128,15 +133,33 @@ class DistanceBiasAttention(torch.autograd.Function):
         dkp = None if kp is None else torch.zeros_like(kp)
         dvp = None if vp is None else torch.zeros_like(vp)
         N = 0 if kp is None else kp.size(2)
+        with torch.random.fork_rng(devices=forked_devices(qc.device), enabled=ctx.rng is not None):
+            if ctx.rng is not None:  # the forward's dropout masks, drawn again in the same order
+                set_rng_state(qc.device, ctx.rng)
+            DistanceBiasAttention.backward_chunks(ctx, grad_out, dqc, dqp, dk, dv, dR, dc, dkp, dvp, N, G)
+        return dqc, dqp, dk, dv, dR, dc, dkp, dvp, None, None, None, None, None
+
+    @staticmethod
+    def backward_chunks(ctx, grad_out, dqc, dqp, dk, dv, dR, dc, dkp, dvp, N: int, G: int):
+        """Accumulate the gradients chunk by chunk (module docstring); with dropout, dO V^T is taken through
+        the same masks as the forward's."""
+        qc, qp, k, v, R, colbias, kp, vp, out = ctx.saved_tensors
+        B, H, T, Dh = qc.shape
         for t0, t1 in chunk_bounds(T, ctx.chunk):
             weights, lo, hi, (keys, values, P, qp_c, rows) = DistanceBiasAttention.chunk_weights(
                 qc, qp, k, v, R, colbias, kp, vp, ctx.top, ctx.window, t0, t1
             )  # fmt: skip
             C, L, Lp = t1 - t0, hi - lo, P.size(-1)
             g = grad_out[:, :, t0:t1]  # B x H x C x Dh
-            d_values = weights.transpose(-1, -2) @ g  # B x H x (N + L) x Dh
-            delta = (g * out[:, :, t0:t1]).sum(dim=-1, keepdim=True)  # B x H x C x 1
-            dA = (g @ values.transpose(-1, -2)).sub_(delta).mul_(weights)  # B x H x C x (N + L)
+            scale = None if ctx.dropout == 0 else dropout_scale(weights, ctx.dropout)  # B x H x C x (N + L)
+            kept = weights if scale is None else weights * scale
+            d_values = kept.transpose(-1, -2) @ g  # B x H x (N + L) x Dh
+            del kept
+            delta = (g * out[:, :, t0:t1]).sum(dim=-1, keepdim=True)  # B x H x C x 1: rowsum(dW * W)
+            d_weights = g @ values.transpose(-1, -2)  # B x H x C x (N + L)
+            if scale is not None:
+                d_weights.mul_(scale)
+            dA = d_weights.sub_(delta).mul_(weights)
             del weights
             dqc[:, :, t0:t1] = dA @ keys
             d_keys = dA.transpose(-1, -2) @ qc[:, :, t0:t1]  # B x H x (N + L) x Dh
@@ -154,27 +177,48 @@ class DistanceBiasAttention(torch.autograd.Function):
             if dc is not None:
                 column_sums = dP.view(H, B * C, Lp).sum(dim=1)  # H x Lp
                 dc[:, rows] += column_sums.sum(dim=0, keepdim=True) if dc.size(0) == 1 else column_sums
-        return dqc, dqp, dk, dv, dR, dc, dkp, dvp, None, None, None, None
+
+
+def dropout_scale(weights: Tensor, p: float) -> Tensor:
+    """The dropout mask of ``weights``, as factors: 0 (probability p) or 1 / (1 - p); drawn from the
+    default generator of the weights' device (``F.dropout``'s arithmetic)."""
+    return torch.empty_like(weights).bernoulli_(1 - p).div_(1 - p)
+
+
+def forked_devices(device: torch.device) -> list:
+    """The accelerator devices whose RNG ``fork_rng`` must save around the redraw (none on CPU)."""
+    return [device] if device.type == "cuda" else []
+
+
+def rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def distance_bias_attention(
     qc: Tensor, qp: Tensor, k: Tensor, v: Tensor, R: Tensor, top: int, chunk: int, window: Optional[int] = None,
     colbias: Optional[Tensor] = None, kp: Optional[Tensor] = None, vp: Optional[Tensor] = None,
-    usage: bool = False,
+    usage: bool = False, dropout: float = 0.0,
 ) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
     """softmax_j(qc_i . k_j + qp_i . R_(a_i - j) + c_(a_i - j)) v_j over [slots; keys] with the causal mask
     (and ``window``), query i at key position S - T + i, in chunks of ``chunk`` queries: B x H x T x Dh, and
     with ``usage`` the attention each of the S keys received (B x S, no gradient), else None. R: G x E x Dh
     with row e = distance ``top`` - e, covering distances from the longest a chunk sees down to -(chunk - 1)
     (``position_rows``)."""
-    out, received = DistanceBiasAttention.apply(qc, qp, k, v, R, colbias, kp, vp, top, window, chunk, usage)
+    out, received = DistanceBiasAttention.apply(qc, qp, k, v, R, colbias, kp, vp, top, window, chunk, usage, dropout)
     return out, (received if usage else None)
 
 
-def distance_bias_applies(q: Tensor, dropout: float) -> bool:
-    """Whether ``distance_bias_attention`` computes the call: no dropout on the weights (the backward would
-    have to redraw the mask), float32/float64 outside autocast (the backward runs in the inputs' dtype)."""
-    return dropout == 0.0 and q.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type)
+def distance_bias_applies(q: Tensor) -> bool:
+    """Whether ``distance_bias_attention`` computes the call: float32/float64 outside autocast (the backward
+    runs in the inputs' dtype; the former route's float32 bias under a bf16 autocast is kept there)."""
+    return q.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type)
 
 
 def position_rows(S: int, T: int, chunk: int) -> Tuple[int, int]:

@@ -159,7 +159,8 @@ class RelativeAttention(Attention):
             kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
         qc = (q + self.u[:, None]) * self.scale  # B x H x T x Dh
         qp = (q + self.v[:, None]) * self.scale
-        return distance_bias_attention(qc, qp, k, v, r, top, chunk, window, kp=kp, vp=vp, usage=need_usage)
+        p = self.dropout if self.training else 0.0
+        return distance_bias_attention(qc, qp, k, v, r, top, chunk, window, kp=kp, vp=vp, usage=need_usage, dropout=p)
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
         """The position term (b)+(d), scaled, of T queries over the last S keys, -inf where a query may
@@ -193,7 +194,7 @@ class RelativeAttention(Attention):
         S = k.size(2)
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
-        if not need_weights and distance_bias_applies(q, self.dropout if self.training else 0.0):
+        if not need_weights and distance_bias_applies(q):
             return self.distance_bias_route(q, k, v, window, chunk, need_usage)
         if need_weights or chunk >= T:
             out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
