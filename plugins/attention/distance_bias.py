@@ -37,7 +37,8 @@ tests/test_distance_bias.py against the paper's equation written plainly, tests/
 tests/test_relative_sinusoid.py against the former route).
 
 Chunks: C queries such that one sequence's H x C x (N + L) scores hold at most ``--score-chunk-elements``
-(``chunking.py``); one chunk when everything fits.
+(``chunking.py``), and at most ``QUERY_BLOCK`` (128): a chunk does about C x C / 2 products above the causal
+half for its masked keys and C x C more for its negative distances, so shorter inputs are cut too.
 
 Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = persistent slots,
 C = queries per chunk, L = keys of a chunk, Dh = head dim, G = heads of the position table (H or 1),
@@ -50,6 +51,12 @@ import torch
 from torch import Tensor
 
 from .chunking import chunk_bounds
+
+# At most this many queries per chunk, whatever --score-chunk-elements allows: a chunk computes C x (L + C - 1)
+# position scores and C x L content scores of which about C x C / 2 are masked, so the work above the causal
+# half grows with C; 128 measured fastest of 32 .. 512 at N = 1024 (docs/long-context.md), and is what the
+# default budget gives at N = 4096, 4 heads.
+QUERY_BLOCK = 128
 
 
 def key_range(S: int, T: int, t0: int, t1: int, window: Optional[int]) -> Tuple[int, int]:
@@ -210,7 +217,8 @@ def distance_bias_attention(
     (and ``window``), query i at key position S - T + i, in chunks of ``chunk`` queries: B x H x T x Dh, and
     with ``usage`` the attention each of the S keys received (B x S, no gradient), else None. R: G x E x Dh
     with row e = distance ``top`` - e, covering distances from the longest a chunk sees down to -(chunk - 1)
-    (``position_rows``)."""
+    (``position_rows``). At most ``QUERY_BLOCK`` queries per chunk."""
+    chunk = min(chunk, QUERY_BLOCK)
     out, received = DistanceBiasAttention.apply(qc, qp, k, v, R, colbias, kp, vp, top, window, chunk, usage, dropout)
     return out, (received if usage else None)
 
@@ -224,5 +232,5 @@ def distance_bias_applies(q: Tensor) -> bool:
 def position_rows(S: int, T: int, chunk: int) -> Tuple[int, int]:
     """(top, E): the rows of a position table for ``distance_bias_attention`` over S keys and T queries in
     chunks of ``chunk``: distances top = S - 1 down to -(C - 1), E = S + C - 1 rows (C = min(chunk, T))."""
-    C = min(chunk, T)
+    C = min(chunk, T, QUERY_BLOCK)
     return S - 1, S + C - 1
