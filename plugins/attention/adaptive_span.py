@@ -44,8 +44,12 @@ Two windows (``--span-window``):
 In both, the i-th most recent key the query may see (rank x = i - 1) gets the mask m_z(x) and the
 position embedding p_x; the key sets differ by one position, so the outputs differ.
 
-Beyond ``--score-chunk-elements`` the queries are processed in chunks over only the keys their windows
-reach, recomputed in the backward pass when training (``chunking.py``): the same function, in memory
+The queries are processed in chunks over only the keys their windows reach. The inclusive window (float32,
+float64) goes through ``distance_bias.py``, Transformer-XL's explicit route: p_x and log m_z(x) are tables by
+distance, the scores by distance are one product per chunk, shifted to keys by a strided view, the window and
+causal masks are -inf column blocks, and the backward pass is written by hand. The official window (and bf16
+or autocast) keeps the former route: a gather, a masked fill, chunks beyond ``--score-chunk-elements``
+recomputed in the backward pass when training (``chunking.py``). Both are the same function, in memory
 O(chunk x (chunk + W)) instead of O(T x S_k).
 
 The span parameters must stay in [0, 1]: ``after_optimizer_step`` clamps them and ``segment_lm``'s

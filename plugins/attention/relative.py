@@ -20,13 +20,17 @@ Two routes compute the same function (``--relative-route``; tests/test_relative_
   [q + u, qt] . [k, kt] (Dh + D dimensions per head): no B x H x T x S tensor. Not with ``--clamp-len`` > 0 (a
   clamped distance is not a rotation), nor where the attention weights are needed (``most_used``
   compression, analysis): those calls take the explicit route;
-- explicit: the position term is computed for the S distances once (S x D, not T x S x D) and realigned per
-  query with a gather (the paper's "relative shift", written as an explicit index for clarity); beyond
-  ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
-  training (``chunking.py``): memory linear in the keys, the same function.
+- explicit (``distance_bias.py``): the position keys W_R r_d are computed once per distance (S + C - 1 rows,
+  not T x S x D); per chunk of C queries one C x (L + C - 1) product gives the position scores by distance,
+  the masks are -inf column blocks in that matrix (negative distances, and distances >= the
+  ``--same-length`` window), and the paper's "relative shift" (App. B) is a zero-copy strided view of it,
+  added to the content scores; the backward pass is written by hand (the chunk's weights recomputed,
+  nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per chunk. In float32 and
+  float64 outside autocast; otherwise (bf16, autocast) the former route: a gather for the shift, a float
+  mask, and checkpointed chunks (``chunking.py``), the same function.
 
-``auto`` (the default) takes the explicit route on every device: on CPU it is measured as fast as the fused one
-and lighter (the fused route does T x S x (Dh + D) work per head, i.e. (1 + H) x D per query-key pair over
+``auto`` (the default) takes the explicit route on every device: on CPU it is measured faster than the fused
+one and lighter (the fused route does T x S x (Dh + D) work per head, i.e. (1 + H) x D per query-key pair over
 all heads, against about 3 x D for the explicit one; docs/long-context.md); on CUDA the fused route has not
 been measured yet. ``--relative-route fused`` chooses it.
 
