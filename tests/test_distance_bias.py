@@ -188,3 +188,30 @@ def test_dropout_masks_the_weights_like_f_dropout():
     mask = torch.empty_like(weights).bernoulli_(1 - p)
     torch.testing.assert_close(out, (weights * mask / (1 - p)) @ args[3], rtol=1e-12, atol=1e-12)
     assert (mask == 0).any()
+
+
+FORMER_ROUTE_CASES = {  # name: (attention, options, segment lengths, keep)
+    "relative-memory-clamp": ("relative", dict(clamp_len=5), [9, 12], 10),
+    "relative-same-length-slots": ("relative", dict(same_length=True, persistent_mem_size=3), [9, 12], 6),
+    "adaptive-span": ("adaptive_span", dict(max_span=16, span_ramp=4, span_init=0.6), [12, 12], 16),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMER_ROUTE_CASES))
+def test_the_route_equals_the_former_route_in_float32(case, monkeypatch):
+    """The former route (a gather, a float mask, SDPA, checkpointed chunks: what bf16 and autocast still take)
+    and this one give the same outputs and gradients to 1e-5 in float32, over segments with memory."""
+    from plugins.attention import adaptive_span, relative
+    from tests.test_long_context import run
+
+    name, options, lengths, keep = FORMER_ROUTE_CASES[case]
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=2 * 4 * 30, relative_route="explicit", **options)
+    torch.manual_seed(0)
+    attn = build_attention(name, D, H, 0.0, ns).train()
+    xs = [torch.randn(2, T, D, requires_grad=True) for T in lengths]
+    new = run(attn, xs, keep)
+    monkeypatch.setattr(relative, "distance_bias_applies", lambda q: False)
+    monkeypatch.setattr(adaptive_span, "distance_bias_applies", lambda q: False)
+    former = run(attn, xs, keep)
+    for a, b in zip(new[0] + new[3], former[0] + former[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
