@@ -86,11 +86,12 @@ class DistanceBiasAttention(torch.autograd.Function):
         ctx.rng = rng_state(qc.device) if dropout > 0 else None
         outs = []
         for t0, t1 in chunk_bounds(T, chunk):
-            weights, lo, hi, keys_values = DistanceBiasAttention.chunk_weights(
+            weights, lo, hi, (_, values, *_) = DistanceBiasAttention.chunk_weights(
                 qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1
             )  # fmt: skip
             kept = weights if dropout == 0 else weights * dropout_scale(weights, dropout)
-            outs.append(kept @ keys_values[1])  # B x H x C x Dh
+            outs.append(kept @ values)  # B x H x C x Dh
+            del kept
             if usage:
                 N = weights.size(-1) - (hi - lo)
                 received[:, lo:hi] += weights[..., N:].mean(dim=1).sum(dim=1)  # B x L
@@ -103,8 +104,9 @@ class DistanceBiasAttention(torch.autograd.Function):
     @staticmethod
     def chunk_weights(qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1):
         """Softmax weights of queries t0 .. t1-1 (B x H x C x (N + L)), the key range lo, hi, the keys and
-        values they see ([slots; k[lo:hi]], B x H x (N + L) x Dh), the position scores P by distance
-        (H x B x C x (L + C - 1)) and the position queries as multiplied (G x X x Dh)."""
+        values they see ([slots; k[lo:hi]], B x H x (N + L) x Dh), the position queries as multiplied
+        (G x X x Dh), the rows of R used and their number Lp = L + C - 1. The position scores are freed before
+        the softmax: two C x L tensors at most are alive."""
         B, H, T, Dh = qc.shape
         S = k.size(2)
         lo, hi = key_range(S, T, t0, t1, window)
@@ -126,8 +128,9 @@ class DistanceBiasAttention(torch.autograd.Function):
             keys, values = torch.cat([kp, keys], dim=2), torch.cat([vp, values], dim=2)  # B x H x (N + L) x Dh
         scores = qc[:, :, t0:t1] @ keys.transpose(-1, -2)  # B x H x C x (N + L)
         scores[..., scores.size(-1) - L :] += by_key.transpose(0, 1)
+        del P, by_key
         weights = torch.softmax(scores, dim=-1)
-        return weights, lo, hi, (keys, values, P, qp_c, rows)
+        return weights, lo, hi, (keys, values, qp_c, rows, Lp)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_received):
@@ -153,10 +156,10 @@ class DistanceBiasAttention(torch.autograd.Function):
         qc, qp, k, v, R, colbias, kp, vp, out = ctx.saved_tensors
         B, H, T, Dh = qc.shape
         for t0, t1 in chunk_bounds(T, ctx.chunk):
-            weights, lo, hi, (keys, values, P, qp_c, rows) = DistanceBiasAttention.chunk_weights(
+            weights, lo, hi, (keys, values, qp_c, rows, Lp) = DistanceBiasAttention.chunk_weights(
                 qc, qp, k, v, R, colbias, kp, vp, ctx.top, ctx.window, t0, t1
             )  # fmt: skip
-            C, L, Lp = t1 - t0, hi - lo, P.size(-1)
+            C, L = t1 - t0, hi - lo
             g = grad_out[:, :, t0:t1]  # B x H x C x Dh
             scale = None if ctx.dropout == 0 else dropout_scale(weights, ctx.dropout)  # B x H x C x (N + L)
             kept = weights if scale is None else weights * scale
@@ -166,8 +169,8 @@ class DistanceBiasAttention(torch.autograd.Function):
             d_weights = g @ values.transpose(-1, -2)  # B x H x C x (N + L)
             if scale is not None:
                 d_weights.mul_(scale)
-            dA = d_weights.sub_(delta).mul_(weights)
-            del weights
+            dA = d_weights.sub_(delta).mul_(weights)  # in place: d_weights is dA
+            del weights, scale, d_weights  # at most two C x L tensors alive (dA, then dP)
             dqc[:, :, t0:t1] = dA @ keys
             d_keys = dA.transpose(-1, -2) @ qc[:, :, t0:t1]  # B x H x (N + L) x Dh
             dk[:, :, lo:hi] += d_keys[:, :, N:]
@@ -175,7 +178,7 @@ class DistanceBiasAttention(torch.autograd.Function):
             if kp is not None:
                 dkp += d_keys[:, :, :N]
                 dvp += d_values[:, :, :N]
-            dP = torch.zeros_like(P)  # H x B x C x Lp: the view's inverse, zero where the view does not read
+            dP = dA.new_zeros(H, B, C, Lp)  # the view's inverse, zero where the view does not read
             dP.as_strided((H, B, C, L), (B * C * Lp, C * Lp, Lp - 1, 1), C - 1).copy_(dA[..., N:].transpose(0, 1))
             del dA
             dP = dP.view(G, -1, Lp)  # G x X x Lp
