@@ -73,8 +73,9 @@ class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig, ChunkedSc
         default="auto",
         metadata={"help": "how the position term is computed, the same function either way: fused (one fused "
                   "attention call by the sinusoid identity, no T x S tensor; not with --clamp-len), explicit "
-                  "(the T x S position term, in query chunks), or auto: explicit (measured as fast and lighter on "
-                  "CPU; the fused route is not measured on GPUs yet: docs/long-context.md)"},
+                  "(the position term by distance in query chunks, shifted by a strided view), or auto: explicit "
+                  "(measured faster and lighter on CPU; the fused route is not measured on GPUs yet: "
+                  "docs/long-context.md)"},
     )  # fmt: skip
 
 
