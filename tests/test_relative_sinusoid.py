@@ -199,26 +199,30 @@ class ScoreTensors(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused", "explicit"])
+@pytest.mark.parametrize("route", ["fused", "explicit", "explicit, weights"])
 @pytest.mark.parametrize("memory", [0, 256], ids=["no-memory", "memory"])
-def test_the_fused_route_builds_no_score_tensor(fused, memory):
+def test_the_fused_route_builds_no_score_tensor(route, memory):
     """Forward + backward of one layer (T = 256 queries, S = T + M keys, D 32, 4 heads, default chunk budget) builds
-    no H x T x S score tensor on the fused path; the explicit path (the route of before) does, which shows
-    the check can fail."""
+    no H x T x S score tensor on the fused path, nor on the explicit path (distance_bias.py: chunks of at most
+    128 queries); asking for the attention weights (one B x H x T x S pass) does, which shows the check can fail."""
     T, D = 256, 32
     attn = build_attention("relative", D, 4, 0.0, SimpleNamespace(pos_emb="relative")).train()
-    attn.cfg.relative_route = "fused" if fused else "explicit"
+    attn.cfg.relative_route = route.split(",")[0]
     x = torch.randn(1, T, D, requires_grad=True)
     mem = None
     if memory:
         with torch.no_grad():
             _, mem = attn(torch.randn(1, memory, D), None, memory)
+    if route == "explicit, weights":
+        q = attn.split_heads(attn.q_proj(x))  # B x H x T x Dh
+        k, v = attn.keys_values(x, mem, None)  # B x H x S x Dh
+        with ScoreTensors(4, T, T + memory) as seen:
+            attn.relative_attention(q, k, v, need_weights=True)[0].square().sum().backward()
+        assert seen.found
+        return
     with ScoreTensors(4, T, T + memory) as seen:
         attn(x, mem, memory)[0].square().sum().backward()
-    if fused:
-        assert seen.found == []
-    else:
-        assert seen.found
+    assert seen.found == []
 
 
 # ---- memory -----------------------------------------------------------------------------------------------

@@ -20,13 +20,17 @@ Two routes compute the same function (``--relative-route``; tests/test_relative_
   [q + u, qt] . [k, kt] (Dh + D dimensions per head): no B x H x T x S tensor. Not with ``--clamp-len`` > 0 (a
   clamped distance is not a rotation), nor where the attention weights are needed (``most_used``
   compression, analysis): those calls take the explicit route;
-- explicit: the position term is computed for the S distances once (S x D, not T x S x D) and realigned per
-  query with a gather (the paper's "relative shift", written as an explicit index for clarity); beyond
-  ``--score-chunk-elements`` the queries are processed in chunks, recomputed in the backward pass when
-  training (``chunking.py``): memory linear in the keys, the same function.
+- explicit (``distance_bias.py``): the position keys W_R r_d are computed once per distance (S + C - 1 rows,
+  not T x S x D); per chunk of C queries one C x (L + C - 1) product gives the position scores by distance,
+  the masks are -inf column blocks in that matrix (negative distances, and distances >= the
+  ``--same-length`` window), and the paper's "relative shift" (App. B) is a zero-copy strided view of it,
+  added to the content scores; the backward pass is written by hand (the chunk's weights recomputed,
+  nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per chunk. In float32 and
+  float64 outside autocast; otherwise (bf16, autocast) the former route: a gather for the shift, a float
+  mask, and checkpointed chunks (``chunking.py``), the same function.
 
-``auto`` (the default) takes the explicit route on every device: on CPU it is measured as fast as the fused one
-and lighter (the fused route does T x S x (Dh + D) work per head, i.e. (1 + H) x D per query-key pair over
+``auto`` (the default) takes the explicit route on every device: on CPU it is measured faster than the fused
+one and lighter (the fused route does T x S x (Dh + D) work per head, i.e. (1 + H) x D per query-key pair over
 all heads, against about 3 x D for the explicit one; docs/long-context.md); on CUDA the fused route has not
 been measured yet. ``--relative-route fused`` chooses it.
 
@@ -47,6 +51,7 @@ from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
+from .distance_bias import distance_bias_applies, distance_bias_attention, position_rows
 from .persistent import PersistentMemoryConfig
 from .relative_sinusoid import sinusoid_relative_attention
 
@@ -68,8 +73,9 @@ class RelativeAttentionConfig(AttentionConfig, PersistentMemoryConfig, ChunkedSc
         default="auto",
         metadata={"help": "how the position term is computed, the same function either way: fused (one fused "
                   "attention call by the sinusoid identity, no T x S tensor; not with --clamp-len), explicit "
-                  "(the T x S position term, in query chunks), or auto: explicit (measured as fast and lighter on "
-                  "CPU; the fused route is not measured on GPUs yet: docs/long-context.md)"},
+                  "(the position term by distance in query chunks, shifted by a strided view), or auto: explicit "
+                  "(measured faster and lighter on CPU; the fused route is not measured on GPUs yet: "
+                  "docs/long-context.md)"},
     )  # fmt: skip
 
 
@@ -131,13 +137,35 @@ class RelativeAttention(Attention):
         out, _ = self.relative_attention(q, k, v, window=keep if self.cfg.same_length else None)
         return self.out_proj(self.merge_heads(out)), HiddenMemory.extend(mem, x, keep, k, v)
 
-    def position_keys(self, num_keys: int, q: Tensor) -> Tensor:
-        """W_R r_d for the S distances d = S-1 .. 0 (clamped to ``--clamp-len``), by head: H x S x Dh."""
-        distance = torch.arange(num_keys - 1, -1, -1, device=q.device)  # S: distance of column s from the last query
+    def position_keys(self, num_keys: int, q: Tensor, negative: int = 0) -> Tensor:
+        """W_R r_d for the S distances d = S-1 .. 0 (clamped to ``--clamp-len``), by head: H x S x Dh; with
+        ``negative`` > 0, followed by the rows of distances -1 .. -negative (those of distance 0: placeholders
+        for keys after the query, which are masked): H x (S + negative) x Dh."""
+        distance = torch.arange(
+            num_keys - 1, -1 - negative, -1, device=q.device
+        )  # distance of row s from the last query
+        distance = distance.clamp(min=0)
         if self.cfg.clamp_len > 0:
             distance = distance.clamp(max=self.cfg.clamp_len)
-        r = self.r_proj(self.sinusoid(distance, q.dtype))  # S x D
-        return r.view(num_keys, self.num_heads, self.head_dim).transpose(0, 1)  # H x S x Dh
+        r = self.r_proj(self.sinusoid(distance, q.dtype))  # (S + negative) x D
+        return r.view(distance.numel(), self.num_heads, self.head_dim).transpose(0, 1)  # H x (S + negative) x Dh
+
+    def distance_bias_route(
+        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int], chunk: int, need_usage: bool
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """``relative_attention`` by ``distance_bias.py``: (q + u) and (q + v) scaled, the position keys of
+        distances S-1 .. -(C-1) (H x (S + C - 1) x Dh), the shift as a strided view, a hand-written backward."""
+        B, H, T, _ = q.shape
+        S = k.size(2)
+        top, rows = position_rows(S, T, chunk)
+        r = self.position_keys(S, q, rows - S).contiguous()  # H x E x Dh, row e = distance S-1-e
+        kp = vp = None
+        if self.persistent is not None:  # content term only, never masked
+            kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
+        qc = (q + self.u[:, None]) * self.scale  # B x H x T x Dh
+        qp = (q + self.v[:, None]) * self.scale
+        p = self.dropout if self.training else 0.0
+        return distance_bias_attention(qc, qp, k, v, r, top, chunk, window, kp=kp, vp=vp, usage=need_usage, dropout=p)
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
         """The position term (b)+(d), scaled, of T queries over the last S keys, -inf where a query may
@@ -171,6 +199,8 @@ class RelativeAttention(Attention):
         S = k.size(2)
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
+        if not need_weights and distance_bias_applies(q):
+            return self.distance_bias_route(q, k, v, window, chunk, need_usage)
         if need_weights or chunk >= T:
             out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
             if need_usage:

@@ -1,0 +1,239 @@
+"""Softmax attention with an additive term that depends on the query-key distance, in query chunks, with a
+hand-written backward pass: the explicit route of relative attention (``relative.py``, Dai et al. 2019,
+arXiv 1901.02860, Sec. 3.3 and App. B) and of adaptive span (``adaptive_span.py``, Sukhbaatar et al. 2019).
+
+For query i at key position a_i and key j (distance d = a_i - j), per head::
+
+    A_ij = qc_i . k_j  +  qp_i . R_d  +  c_d        (-inf where d < 0, or d >= window)
+    out_i = sum_j softmax_j(A_ij) v_j
+
+with qc the content queries and qp the position queries (already scaled, the biases u, v added by the
+caller), R_d a position key per distance (by head, or one table for all heads) and c_d an optional additive
+term per distance and head (adaptive span's log soft mask). Persistent slots (``persistent.py``) join the
+keys with the content term only, never masked.
+
+**The shift as a strided view** (the "relative shift" of the official Transformer-XL code, App. B). A chunk
+of C queries sees the L keys lo .. hi-1 (none after its last query, none before its first query's window),
+so its distances run from L-1 down to -(C-1): the position scores of all of them are ONE C x (L + C - 1)
+matrix product P = qp R^T, column m holding distance L-1-m. Query c, key j has distance L-C+c-j, i.e.
+column C-1-c+j: row c of the by-key matrix starts one column earlier than row c-1 does, so the by-key
+matrix is the zero-copy view ``P.as_strided((C, L), (L + C - 2, 1), offset=C-1)``. The causal mask is the
+column block of negative distances (the last C-1 columns of P) and the window mask the block of distances
+>= window (the first columns): both are filled with -inf in P once, before the shift, instead of a C x L
+mask (no gather, no index or boolean tensor, no ``masked_fill``).
+
+**Backward without autograd's stored graph.** The forward keeps only its inputs and its output (B x H x T x
+Dh): no C x L tensor survives a chunk. The backward recomputes each chunk's weights W = softmax(A) (two
+matrix products, as memory-efficient attention does, Rabe & Staats 2021; FlashAttention, Dao et al. 2022)
+and applies::
+
+    dV = W^T dO,    dA = W * (dO V^T - rowsum(dO * O)),    dqc = dA K,    dK = dA^T qc,
+    dP = unshift(dA)  (zero outside the view),    dqp = dP R,    dR = dP^T qp,    dc = colsum(dP)
+
+so a chunk costs 3 matrix products forward and 8 backward (autograd with ``torch.utils.checkpoint``, the
+former route, does 12 and several more passes over C x L: the float mask of a math-kernel SDPA call, its
+gradient, the gather and its scatter). The arithmetic is the same function as the former route (tests:
+tests/test_distance_bias.py against the paper's equation written plainly, tests/test_long_context.py,
+tests/test_relative_sinusoid.py against the former route).
+
+Chunks: C queries such that one sequence's H x C x (N + L) scores hold at most ``--score-chunk-elements``
+(``chunking.py``), and at most ``QUERY_BLOCK`` (128): a chunk does about C x C / 2 products above the causal
+half for its masked keys and C x C more for its negative distances, so shorter inputs are cut too.
+
+Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = persistent slots,
+C = queries per chunk, L = keys of a chunk, Dh = head dim, G = heads of the position table (H or 1),
+E = rows of the position table.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .chunking import chunk_bounds
+
+# At most this many queries per chunk, whatever --score-chunk-elements allows: a chunk computes C x (L + C - 1)
+# position scores and C x L content scores of which about C x C / 2 are masked, so the work above the causal
+# half grows with C; 128 measured fastest of 32 .. 512 at N = 1024 (docs/long-context.md), and is what the
+# default budget gives at N = 4096, 4 heads.
+QUERY_BLOCK = 128
+
+
+def key_range(S: int, T: int, t0: int, t1: int, window: Optional[int]) -> Tuple[int, int]:
+    """Keys lo .. hi-1 that queries t0 .. t1-1 (the last T of the S keys) may see: none after the last
+    query; with a ``window``, none before the first query's window."""
+    hi = S - T + t1
+    lo = 0 if window is None else max(0, S - T + t0 - window + 1)
+    return lo, hi
+
+
+class DistanceBiasAttention(torch.autograd.Function):
+    """softmax(qc K^T + shift(qp R^T + c), masked) V in query chunks; see the module docstring."""
+
+    @staticmethod
+    def forward(
+        ctx, qc, qp, k, v, R, colbias, kp, vp, top: int, window: Optional[int], chunk: int, usage: bool, dropout: float
+    ):
+        """qc, qp: B x H x T x Dh; k, v: B x H x S x Dh; R: G x E x Dh, row e = distance ``top`` - e (rows for
+        distances top .. -(C-1) at least); colbias: H x E or 1 x E (same rows) or None; kp, vp: B x H x N x Dh
+        persistent slots or None; window: allowed distances 0 .. window-1 (None: every d >= 0); dropout: the
+        probability of zeroing a weight (the backward redraws the same masks from the saved RNG state). Returns the
+        output B x H x T x Dh and, if ``usage``, the attention each key received (B x S: weights averaged over
+        heads, summed over queries; over the S keys, not the slots) else an empty tensor."""
+        B, H, T, _ = qc.shape
+        S = k.size(2)
+        received = qc.new_zeros(B, S) if usage else qc.new_zeros(0)
+        ctx.rng = rng_state(qc.device) if dropout > 0 else None
+        outs = []
+        for t0, t1 in chunk_bounds(T, chunk):
+            weights, lo, hi, (_, values, *_) = DistanceBiasAttention.chunk_weights(
+                qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1
+            )  # fmt: skip
+            kept = weights if dropout == 0 else weights * dropout_scale(weights, dropout)
+            outs.append(kept @ values)  # B x H x C x Dh
+            del kept
+            if usage:
+                N = weights.size(-1) - (hi - lo)
+                received[:, lo:hi] += weights[..., N:].mean(dim=1).sum(dim=1)  # B x L
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)  # B x H x T x Dh
+        ctx.save_for_backward(qc, qp, k, v, R, colbias, kp, vp, out)
+        ctx.top, ctx.window, ctx.chunk, ctx.dropout = top, window, chunk, dropout
+        ctx.mark_non_differentiable(received)
+        return out, received
+
+    @staticmethod
+    def chunk_weights(qc, qp, k, v, R, colbias, kp, vp, top, window, t0, t1):
+        """Softmax weights of queries t0 .. t1-1 (B x H x C x (N + L)), the key range lo, hi, the keys and
+        values they see ([slots; k[lo:hi]], B x H x (N + L) x Dh), the position queries as multiplied
+        (G x X x Dh), the rows of R used and their number Lp = L + C - 1. The position scores are freed before
+        the softmax: two C x L tensors at most are alive."""
+        B, H, T, Dh = qc.shape
+        S = k.size(2)
+        lo, hi = key_range(S, T, t0, t1, window)
+        C, L = t1 - t0, hi - lo
+        Lp = L + C - 1  # distances L-1 .. -(C-1), column m = distance L-1-m
+        G = R.size(0)
+        rows = slice(top - (L - 1), top + C)  # rows of R for those distances
+        qp_c = qp[:, :, t0:t1].transpose(0, 1).reshape(G, -1, Dh)  # G x (H/G * B * C) x Dh
+        P = torch.bmm(qp_c, R[:, rows].transpose(1, 2))  # G x X x Lp
+        P = P.view(H, B, C, Lp)
+        if colbias is not None:
+            P += colbias[:, rows][:, None, None, :]  # H (or 1) x Lp, by distance
+        P[..., L:] = float("-inf")  # negative distances: keys after the query
+        if window is not None and L > window:
+            P[..., : L - window] = float("-inf")  # distances >= window
+        by_key = P.as_strided((H, B, C, L), (B * C * Lp, C * Lp, Lp - 1, 1), P.storage_offset() + C - 1)
+        keys, values = k[:, :, lo:hi], v[:, :, lo:hi]  # B x H x L x Dh
+        if kp is not None:
+            keys, values = torch.cat([kp, keys], dim=2), torch.cat([vp, values], dim=2)  # B x H x (N + L) x Dh
+        scores = qc[:, :, t0:t1] @ keys.transpose(-1, -2)  # B x H x C x (N + L)
+        scores[..., scores.size(-1) - L :] += by_key.transpose(0, 1)
+        del P, by_key
+        weights = torch.softmax(scores, dim=-1)
+        return weights, lo, hi, (keys, values, qp_c, rows, Lp)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_received):
+        qc, qp, k, v, R, colbias, kp, vp, out = ctx.saved_tensors
+        B, H, T, Dh = qc.shape
+        G = R.size(0)
+        dqc, dqp = torch.zeros_like(qc), torch.zeros_like(qp)
+        dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
+        dc = None if colbias is None else torch.zeros_like(colbias)
+        dkp = None if kp is None else torch.zeros_like(kp)
+        dvp = None if vp is None else torch.zeros_like(vp)
+        N = 0 if kp is None else kp.size(2)
+        with torch.random.fork_rng(devices=forked_devices(qc.device), enabled=ctx.rng is not None):
+            if ctx.rng is not None:  # the forward's dropout masks, drawn again in the same order
+                set_rng_state(qc.device, ctx.rng)
+            DistanceBiasAttention.backward_chunks(ctx, grad_out, dqc, dqp, dk, dv, dR, dc, dkp, dvp, N, G)
+        return dqc, dqp, dk, dv, dR, dc, dkp, dvp, None, None, None, None, None
+
+    @staticmethod
+    def backward_chunks(ctx, grad_out, dqc, dqp, dk, dv, dR, dc, dkp, dvp, N: int, G: int):
+        """Accumulate the gradients chunk by chunk (module docstring); with dropout, dO V^T is taken through
+        the same masks as the forward's."""
+        qc, qp, k, v, R, colbias, kp, vp, out = ctx.saved_tensors
+        B, H, T, Dh = qc.shape
+        for t0, t1 in chunk_bounds(T, ctx.chunk):
+            weights, lo, hi, (keys, values, qp_c, rows, Lp) = DistanceBiasAttention.chunk_weights(
+                qc, qp, k, v, R, colbias, kp, vp, ctx.top, ctx.window, t0, t1
+            )  # fmt: skip
+            C, L = t1 - t0, hi - lo
+            g = grad_out[:, :, t0:t1]  # B x H x C x Dh
+            scale = None if ctx.dropout == 0 else dropout_scale(weights, ctx.dropout)  # B x H x C x (N + L)
+            kept = weights if scale is None else weights * scale
+            d_values = kept.transpose(-1, -2) @ g  # B x H x (N + L) x Dh
+            del kept
+            delta = (g * out[:, :, t0:t1]).sum(dim=-1, keepdim=True)  # B x H x C x 1: rowsum(dW * W)
+            d_weights = g @ values.transpose(-1, -2)  # B x H x C x (N + L)
+            if scale is not None:
+                d_weights.mul_(scale)
+            dA = d_weights.sub_(delta).mul_(weights)  # in place: d_weights is dA
+            del weights, scale, d_weights  # at most two C x L tensors alive (dA, then dP)
+            dqc[:, :, t0:t1] = dA @ keys
+            d_keys = dA.transpose(-1, -2) @ qc[:, :, t0:t1]  # B x H x (N + L) x Dh
+            dk[:, :, lo:hi] += d_keys[:, :, N:]
+            dv[:, :, lo:hi] += d_values[:, :, N:]
+            if kp is not None:
+                dkp += d_keys[:, :, :N]
+                dvp += d_values[:, :, :N]
+            dP = dA.new_zeros(H, B, C, Lp)  # the view's inverse, zero where the view does not read
+            dP.as_strided((H, B, C, L), (B * C * Lp, C * Lp, Lp - 1, 1), C - 1).copy_(dA[..., N:].transpose(0, 1))
+            del dA
+            dP = dP.view(G, -1, Lp)  # G x X x Lp
+            dqp[:, :, t0:t1] = torch.bmm(dP, R[:, rows]).view(H, B, C, Dh).transpose(0, 1)
+            dR[:, rows] += torch.bmm(dP.transpose(1, 2), qp_c)  # G x Lp x Dh
+            if dc is not None:
+                column_sums = dP.view(H, B * C, Lp).sum(dim=1)  # H x Lp
+                dc[:, rows] += column_sums.sum(dim=0, keepdim=True) if dc.size(0) == 1 else column_sums
+
+
+def dropout_scale(weights: Tensor, p: float) -> Tensor:
+    """The dropout mask of ``weights``, as factors: 0 (probability p) or 1 / (1 - p); drawn from the
+    default generator of the weights' device (``F.dropout``'s arithmetic)."""
+    return torch.empty_like(weights).bernoulli_(1 - p).div_(1 - p)
+
+
+def forked_devices(device: torch.device) -> list:
+    """The accelerator devices whose RNG ``fork_rng`` must save around the redraw (none on CPU)."""
+    return [device] if device.type == "cuda" else []
+
+
+def rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def distance_bias_attention(
+    qc: Tensor, qp: Tensor, k: Tensor, v: Tensor, R: Tensor, top: int, chunk: int, window: Optional[int] = None,
+    colbias: Optional[Tensor] = None, kp: Optional[Tensor] = None, vp: Optional[Tensor] = None,
+    usage: bool = False, dropout: float = 0.0,
+) -> Tuple[Tensor, Optional[Tensor]]:  # fmt: skip
+    """softmax_j(qc_i . k_j + qp_i . R_(a_i - j) + c_(a_i - j)) v_j over [slots; keys] with the causal mask
+    (and ``window``), query i at key position S - T + i, in chunks of ``chunk`` queries: B x H x T x Dh, and
+    with ``usage`` the attention each of the S keys received (B x S, no gradient), else None. R: G x E x Dh
+    with row e = distance ``top`` - e, covering distances from the longest a chunk sees down to -(chunk - 1)
+    (``position_rows``). At most ``QUERY_BLOCK`` queries per chunk."""
+    chunk = min(chunk, QUERY_BLOCK)
+    out, received = DistanceBiasAttention.apply(qc, qp, k, v, R, colbias, kp, vp, top, window, chunk, usage, dropout)
+    return out, (received if usage else None)
+
+
+def distance_bias_applies(q: Tensor) -> bool:
+    """Whether ``distance_bias_attention`` computes the call: float32/float64 outside autocast (the backward
+    runs in the inputs' dtype; the former route's float32 bias under a bf16 autocast is kept there)."""
+    return q.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(q.device.type)
+
+
+def position_rows(S: int, T: int, chunk: int) -> Tuple[int, int]:
+    """(top, E): the rows of a position table for ``distance_bias_attention`` over S keys and T queries in
+    chunks of ``chunk``: distances top = S - 1 down to -(C - 1), E = S + C - 1 rows (C = min(chunk, T))."""
+    C = min(chunk, T, QUERY_BLOCK)
+    return S - 1, S + C - 1

@@ -1,0 +1,217 @@
+"""The explicit route of relative attention and adaptive span (``plugins/attention/distance_bias.py``: query
+chunks, the shift as a strided view, masks filled in the distance domain, a hand-written backward).
+
+- the relative route against Dai et al.'s equation (arXiv 1901.02860, Sec. 3.3) written plainly over the full
+  T x S score matrix, values and the gradients of every input and parameter, float64, with memory,
+  ``--clamp-len``, ``--same-length``, persistent slots, in one pass and in chunks of 1 and 3 queries;
+- adaptive span's route against its equation (Sukhbaatar et al. 2019, Sec. 2.2: log m_z(x) added to the scores);
+- ``torch.autograd.gradcheck`` of the hand-written backward (finite differences), with the additive term per
+  distance, one position table for all heads, a window and persistent slots;
+- the route's operations: no gather, scatter or ``masked_fill``, and 3 + 8 matrix products per chunk (no
+  recomputed forward of the whole chunk, as ``torch.utils.checkpoint`` did).
+
+Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = slots, Dh = head dim.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from plugins.attention import build_attention
+from plugins.attention.adaptive_span import log_of, soft_span_mask
+from plugins.attention.distance_bias import DistanceBiasAttention, position_rows
+
+D, H = 16, 2
+
+
+def relative_reference(attn, q, k, v, window):
+    """softmax_j(scale * [(q_i + u)^T k_j + (q_i + v)^T W_R r_(clamp(a_i - j))]) v_j, a_i = S - T + i, the
+    causal (and same-length ``window``) mask, the slots with the content term only: B x H x T x Dh."""
+    T, S = q.size(2), k.size(2)
+    a = torch.arange(S - T, S)[:, None]  # T x 1: key position of each query
+    j = torch.arange(S)[None, :]  # 1 x S
+    distance = a - j  # T x S
+    allowed = distance >= 0
+    if window is not None:
+        allowed = allowed & (distance < window)
+    d = distance.clamp(min=0)
+    if attn.cfg.clamp_len > 0:
+        d = d.clamp(max=attn.cfg.clamp_len)
+    r = attn.r_proj(attn.sinusoid(d.reshape(-1), q.dtype)).view(T, S, H, -1)  # T x S x H x Dh: W_R r_d
+    content = torch.einsum("bhid,bhjd->bhij", q + attn.u[:, None], k)
+    position = torch.einsum("bhid,ijhd->bhij", q + attn.v[:, None], r)
+    scores = ((content + position) * attn.scale).masked_fill(~allowed, float("-inf"))  # B x H x T x S
+    if attn.persistent is not None:
+        kp, vp = attn.persistent.keys_values(q.dtype)  # H x N x Dh
+        slots = torch.einsum("bhid,hnd->bhin", q + attn.u[:, None], kp) * attn.scale
+        scores = torch.cat([slots, scores], dim=-1)
+        v = torch.cat([vp.expand(q.size(0), -1, -1, -1), v], dim=2)
+    return scores.softmax(dim=-1) @ v
+
+
+def gradients(out, tensors):
+    grads = torch.autograd.grad((out.square().sum() + out.sum()), tensors, allow_unused=True)
+    return [torch.zeros(()) if g is None else g for g in grads]
+
+
+RELATIVE_CASES = {  # name: (options, T, S, window)
+    "no-memory": (dict(), 9, 9, None),
+    "memory": (dict(), 7, 13, None),
+    "clamp-len": (dict(clamp_len=3), 7, 13, None),
+    "same-length": (dict(same_length=True), 8, 12, 4),
+    "persistent-same-length-clamp": (dict(persistent_mem_size=3, clamp_len=5), 7, 11, 6),
+}
+
+
+@pytest.mark.parametrize("budget", [0, 2 * 1 * 20, 2 * 3 * 20], ids=["one-pass", "chunks-of-1", "chunks-of-3"])
+@pytest.mark.parametrize("case", list(RELATIVE_CASES))
+def test_relative_route_is_the_papers_equation(case, budget):
+    options, T, S, window = RELATIVE_CASES[case]
+    torch.manual_seed(0)
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=budget, relative_route="explicit", **options)
+    attn = build_attention("relative", D, H, 0.0, ns).double().train()
+    with torch.no_grad():  # position biases far from 0, so that a misplaced term shows
+        attn.u.normal_()
+        attn.v.normal_()
+    q = torch.randn(2, H, T, D // H, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, H, S, D // H, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    tensors = [q, k, v, *attn.parameters()]
+    out, _ = attn.relative_attention(q, k, v, window=window)
+    ref = relative_reference(attn, q, k, v, window)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(gradients(out, tensors), gradients(ref, tensors)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("persistent", [0, 2], ids=["no-slots", "slots"])
+def test_adaptive_span_route_is_the_papers_equation(persistent):
+    """s_tr = (q_t^T k_r + q_t^T p_(t-r)) / sqrt(Dh) + log m_z(t - r) over the window (inclusive), softmax."""
+    torch.manual_seed(0)
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=2 * 3 * 16, max_span=10, span_ramp=3,
+                         span_init=0.5, persistent_mem_size=persistent)  # fmt: skip
+    attn = build_attention("adaptive_span", D, H, 0.0, ns).double().train()
+    with torch.no_grad():
+        attn.span_fraction.copy_(torch.tensor([0.3, 0.55]))
+    x = torch.randn(2, 13, D, dtype=torch.float64, requires_grad=True)
+    out, _ = attn(x, None, 0)
+    q = attn.split_heads(attn.q_proj(x))
+    k, v = attn.keys_values(x, None, None)
+    W, T = attn.window(), x.size(1)
+    distance = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # T x T
+    allowed = (distance >= 0) & (distance < W)
+    x_ = distance.clamp(0, W - 1)
+    scores = torch.einsum("bhid,bhjd->bhij", q, k) + torch.einsum("bhid,ijd->bhij", q, attn.key_pe[x_])
+    log_m = log_of(soft_span_mask(attn.spans(), torch.arange(W, dtype=torch.float64), attn.ramp))  # H x W
+    scores = (scores * attn.scale + log_m[:, x_][None]).masked_fill(~allowed, float("-inf"))  # B x H x T x T
+    if persistent:
+        kp, vp = attn.persistent.keys_values(q.dtype)
+        scores = torch.cat([torch.einsum("bhid,hnd->bhin", q, kp) * attn.scale, scores], dim=-1)
+        v = torch.cat([vp.expand(2, -1, -1, -1), v], dim=2)
+    ref = attn.out_proj(attn.merge_heads(scores.softmax(dim=-1) @ v))
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    tensors = [x, *attn.parameters()]
+    for g, g_ref in zip(gradients(out, tensors), gradients(ref, tensors)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize(
+    "heads_in_table, colbias, window, slots, dropout",
+    [(2, False, None, 0, 0.0), (1, True, 3, 0, 0.0), (2, True, None, 2, 0.0), (2, True, 4, 2, 0.3)],
+)
+def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window, slots, dropout):
+    """Finite differences of the output against the backward pass (with dropout: the same masks, redrawn
+    from the RNG state saved by the forward)."""
+    torch.manual_seed(0)
+    B, T, S, Dh, chunk = 2, 5, 7, 3, 2
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    top, rows = position_rows(S, T, chunk)
+    qc, qp = rand(B, H, T, Dh), rand(B, H, T, Dh)
+    k, v = rand(B, H, S, Dh), rand(B, H, S, Dh)
+    R = rand(heads_in_table, rows, Dh)
+    c = rand(H, rows) if colbias else None
+    kp, vp = (rand(B, H, slots, Dh), rand(B, H, slots, Dh)) if slots else (None, None)
+
+    def f(*args):
+        torch.manual_seed(1)  # the same dropout masks at every evaluation
+        return DistanceBiasAttention.apply(*args, top, window, chunk, False, dropout)[0]
+
+    assert torch.autograd.gradcheck(f, (qc, qp, k, v, R, c, kp, vp))
+
+
+class OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_route_uses_no_gather_mask_or_recomputed_chunk():
+    """Forward + backward of relative attention in 4 chunks: no gather/scatter/masked_fill over C x S, and
+    the score matrix products: 3 per chunk forward (content, position, values), 8 backward (content and
+    position recomputed, then dV, dP, dqc, dk, dqp, dR). The former route (checkpointed chunks through autograd)
+    gathered the shift, masked a C x S tensor and recomputed whole chunks: 12 products per chunk."""
+    torch.manual_seed(0)
+    T = 32
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=H * 8 * T, relative_route="explicit")
+    attn = build_attention("relative", D, H, 0.0, ns).train()
+    q = torch.randn(1, H, T, D // H, requires_grad=True)
+    k, v = (torch.randn(1, H, T, D // H, requires_grad=True) for _ in range(2))
+    with OpCounter() as counter:
+        out, _ = attn.relative_attention(q, k, v)
+        out.square().sum().backward()
+    assert not {"gather", "scatter", "scatter_add", "masked_fill", "masked_fill_"} & set(counter.ops)
+    chunks = 4
+    products = [op for op in counter.ops if op in ("bmm", "matmul", "baddbmm")]
+    assert len(products) == 11 * chunks, counter.ops
+
+
+def test_dropout_masks_the_weights_like_f_dropout():
+    """With dropout, out = (W * mask / (1 - p)) V with F.dropout's arithmetic: the weights computed without
+    dropout, the same Bernoulli draws (same seed, same shape) applied by hand, give the same output."""
+    torch.manual_seed(0)
+    B, T, S, Dh, chunk, p = 1, 6, 6, 4, 6, 0.4
+    top, rows = position_rows(S, T, chunk)
+    args = [torch.randn(*shape, dtype=torch.float64) for shape in [(B, H, T, Dh)] * 2 + [(B, H, S, Dh)] * 2]
+    R = torch.randn(H, rows, Dh, dtype=torch.float64)
+    weights, *_ = DistanceBiasAttention.chunk_weights(*args, R, None, None, None, top, None, 0, T)
+    torch.manual_seed(3)
+    out = DistanceBiasAttention.apply(*args, R, None, None, None, top, None, chunk, False, p)[0]
+    torch.manual_seed(3)
+    mask = torch.empty_like(weights).bernoulli_(1 - p)
+    torch.testing.assert_close(out, (weights * mask / (1 - p)) @ args[3], rtol=1e-12, atol=1e-12)
+    assert (mask == 0).any()
+
+
+FORMER_ROUTE_CASES = {  # name: (attention, options, segment lengths, keep)
+    "relative-memory-clamp": ("relative", dict(clamp_len=5), [9, 12], 10),
+    "relative-same-length-slots": ("relative", dict(same_length=True, persistent_mem_size=3), [9, 12], 6),
+    "adaptive-span": ("adaptive_span", dict(max_span=16, span_ramp=4, span_init=0.6), [12, 12], 16),
+}
+
+
+@pytest.mark.parametrize("case", list(FORMER_ROUTE_CASES))
+def test_the_route_equals_the_former_route_in_float32(case, monkeypatch):
+    """The former route (a gather, a float mask, SDPA, checkpointed chunks: what bf16 and autocast still take)
+    and this one give the same outputs and gradients to 1e-5 in float32, over segments with memory."""
+    from plugins.attention import adaptive_span, relative
+    from tests.test_long_context import run
+
+    name, options, lengths, keep = FORMER_ROUTE_CASES[case]
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=2 * 4 * 30, relative_route="explicit", **options)
+    torch.manual_seed(0)
+    attn = build_attention(name, D, H, 0.0, ns).train()
+    xs = [torch.randn(2, T, D, requires_grad=True) for T in lengths]
+    new = run(attn, xs, keep)
+    monkeypatch.setattr(relative, "distance_bias_applies", lambda q: False)
+    monkeypatch.setattr(adaptive_span, "distance_bias_applies", lambda q: False)
+    former = run(attn, xs, keep)
+    for a, b in zip(new[0] + new[3], former[0] + former[3]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
