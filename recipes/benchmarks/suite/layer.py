@@ -42,13 +42,11 @@ VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
         ),
     ],  # the paper's L
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
-    # --relative-route auto (explicit in query chunks on CPU), fused (the sinusoid identity, one SDPA call) and
-    # the explicit one-pass O(T x S) path, paired in the same run
-    "relative": [
-        ("", {}),
-        ("fused", {"relative_route": "fused"}),
-        ("explicit, one pass", {"relative_route": "explicit", "score_chunk_elements": 0}),
-    ],
+    # --relative-route auto (the explicit route: distance_bias.py, in query chunks) and fused (the sinusoid
+    # identity, one SDPA call), paired in the same run
+    "relative": [("", {}), ("fused", {"relative_route": "fused"})],
+    # the default (--span-init 0: a short learned window) and the full span (every head sees all N keys)
+    "adaptive_span": [("", {}), ("full span", {"span_init": 1.0, "max_span": "N"})],
 }
 
 
@@ -60,6 +58,7 @@ def sqrt_stride(n: int) -> int:
 LENGTH_DEPENDENT = {  # option values that depend on the length N
     "sqrt N": sqrt_stride,
     "8, <= sqrt N / 2": lambda n: min(8, sqrt_stride(n) // 2),  # two summary blocks of c fit in the stride
+    "N": lambda n: n,
 }
 
 
