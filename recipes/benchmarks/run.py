@@ -61,6 +61,16 @@ def _positive_ints(text: str) -> List[int]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive integer")
+    return value
+
+
 def _names(choices) -> Callable[[str], List[str]]:
     def parse(text: str) -> List[str]:
         names = [n.strip() for n in text.split(",") if n.strip()]
@@ -116,6 +126,11 @@ def parse_args(argv=None):
         "--training-cases", type=_names(training.CASES), default=list(training.CASES),
         help="comparisons of the training section: fairseq (efficient_lm full vs fairseq transformer_lm), "
              "xl (xl_small with memory 0, T, 2T vs full_small) (default: both)",
+    )  # fmt: skip
+    g.add_argument(
+        "--training-repeats", type=_positive_int,
+        help="training: interleaved repeats of every configuration (every configuration, then again); the paired "
+             "ratio is the median of the per-repeat ratios (default: 3; 1 with --quick or --smoke)",
     )  # fmt: skip
     g.add_argument("--contexts", type=_positive_ints, help="evaluation: effective contexts C (default: 256,800)")
     g.add_argument("--eval-segments", type=_positive_ints, help="evaluation: segment lengths T_eval of the memory runs")
@@ -205,7 +220,7 @@ def mechanisms_section(a, env, emit) -> List[Dict]:
 def training_section(a, env, run_dir: Path, emit) -> List[Dict]:
     if a.device != "cpu":
         return [emit("training", {"status": "skipped", "error": "the training section runs fairseq-train --cpu"})]
-    rows = training.measure(a.training_cases, a.level, env, run_dir, a.case_timeout)
+    rows = training.measure(a.training_cases, a.level, env, run_dir, a.case_timeout, a.training_repeats)
     return [emit("training", r) for r in rows]
 
 

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -57,9 +57,13 @@ SIZES = {
 }  # fmt: skip
 
 
-def sizes(case: str, level: int) -> Dict:
-    """The settings of ``case`` at ``level`` (0 full, 1 --quick, 2 --smoke)."""
-    return {name: values[level] for name, values in SIZES[case].items()}
+def sizes(case: str, level: int, repeats: Optional[int] = None) -> Dict:
+    """The settings of ``case`` at ``level`` (0 full, 1 --quick, 2 --smoke); ``repeats`` (``--training-repeats``)
+    replaces the level's number of interleaved repeats."""
+    out = {name: values[level] for name, values in SIZES[case].items()}
+    if repeats is not None:
+        out["repeats"] = repeats
+    return out
 
 
 # ---- data and code ---------------------------------------------------------------------------------------
@@ -216,8 +220,11 @@ def run_one(config: Dict, env: Dict[str, str], log_path: Path, timeout: float) -
             "wall_s": round(time.time() - start, 1), "loadavg_1min_before": round(load, 2)}  # fmt: skip
 
 
-def measure(cases: List[str], level: int, env: Dict[str, str], run_dir: Path, timeout: float) -> List[Dict]:
-    """Every configuration of ``cases``, interleaved ``repeats`` times; one row per configuration."""
+def measure(
+    cases: List[str], level: int, env: Dict[str, str], run_dir: Path, timeout: float, repeats: Optional[int] = None
+) -> List[Dict]:
+    """Every configuration of ``cases``, interleaved ``repeats`` times (default: the level's); one row per
+    configuration."""
     import tempfile
 
     logs = run_dir / "training"
@@ -228,7 +235,7 @@ def measure(cases: List[str], level: int, env: Dict[str, str], run_dir: Path, ti
         user_dir = snapshot_plugins(tmp / "snapshot")
         code = tree_hash(user_dir)
         for case in cases:
-            s = sizes(case, level)
+            s = sizes(case, level, repeats)
             work = tmp / case
             data = binarize({"train": pseudo_text(int(s["corpus_mb"] * 1e6), 1234),
                              "valid": pseudo_text(50_000, 1235)}, work)  # fmt: skip
