@@ -21,9 +21,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from plugins.attention import build_attention
 from plugins.attention.adaptive_span import log_of, soft_span_mask
+from plugins.attention import distance_bias
 from plugins.attention.distance_bias import DistanceBiasAttention, position_rows
 
 D, H = 16, 2
+
+
+@pytest.fixture(autouse=True)
+def every_size_takes_the_route(monkeypatch):
+    """The tests' tiny shapes are below ``MIN_SCORE_ELEMENTS``, where the layers take the former route."""
+    monkeypatch.setattr(distance_bias, "MIN_SCORE_ELEMENTS", 0)
+
+
+def test_short_segments_take_the_former_route_and_long_ones_this_one(monkeypatch):
+    """Below 2^17 scores per sequence (H x T x S; e.g. the word-level studies' 64-token segments) the former
+    route measured faster, so the layers take it there; chunked calls and larger ones take this route."""
+    monkeypatch.setattr(distance_bias, "MIN_SCORE_ELEMENTS", 2**17)
+    q = torch.randn(16, 4, 64, 32)  # B x H x T x Dh
+    assert not distance_bias.distance_bias_applies(q, 128, chunk=64)  # T = M = 64: 32k scores
+    assert distance_bias.distance_bias_applies(q, 128, chunk=32)  # in query chunks
+    assert distance_bias.distance_bias_applies(torch.randn(1, 4, 256, 32), 256, chunk=256)  # 262k scores
+    assert not distance_bias.distance_bias_applies(torch.randn(1, 4, 256, 32).bfloat16(), 256, chunk=256)
 
 
 def relative_reference(attn, q, k, v, window):
@@ -210,8 +228,8 @@ def test_the_route_equals_the_former_route_in_float32(case, monkeypatch):
     attn = build_attention(name, D, H, 0.0, ns).train()
     xs = [torch.randn(2, T, D, requires_grad=True) for T in lengths]
     new = run(attn, xs, keep)
-    monkeypatch.setattr(relative, "distance_bias_applies", lambda q: False)
-    monkeypatch.setattr(adaptive_span, "distance_bias_applies", lambda q: False)
+    monkeypatch.setattr(relative, "distance_bias_applies", lambda *args: False)
+    monkeypatch.setattr(adaptive_span, "distance_bias_applies", lambda *args: False)
     former = run(attn, xs, keep)
     for a, b in zip(new[0] + new[3], former[0] + former[3]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -272,7 +272,7 @@ class AdaptiveSpanAttention(Attention):
 
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S_k + N, self.cfg.score_chunk_elements)
-        if not official and distance_bias_applies(q):
+        if not official and distance_bias_applies(q, S_k + N, chunk):
             out = self.distance_bias_route(q, k, v, W, chunk)  # B x H x T x Dh
             return self.out_proj(self.merge_heads(out)), new_mem
         if chunk >= T:  # one pass

@@ -26,8 +26,9 @@ Two routes compute the same function (``--relative-route``; tests/test_relative_
   ``--same-length`` window), and the paper's "relative shift" (App. B) is a zero-copy strided view of it,
   added to the content scores; the backward pass is written by hand (the chunk's weights recomputed,
   nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per chunk. In float32 and
-  float64 outside autocast; otherwise (bf16, autocast) the former route: a gather for the shift, a float
-  mask, and checkpointed chunks (``chunking.py``), the same function.
+  float64 outside autocast, for calls in query chunks or with at least ``MIN_SCORE_ELEMENTS`` (2^17) scores
+  per sequence; otherwise (bf16, autocast, short segments, where it measured faster) the former route: a
+  gather for the shift, a float mask, and checkpointed chunks (``chunking.py``), the same function.
 
 ``auto`` (the default) takes the explicit route on every device: on CPU it is measured faster than the fused
 one and lighter (the fused route does T x S x (Dh + D) work per head, i.e. (1 + H) x D per query-key pair over
@@ -199,7 +200,7 @@ class RelativeAttention(Attention):
         S = k.size(2)
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
-        if not need_weights and distance_bias_applies(q):
+        if not need_weights and distance_bias_applies(q, S + N, chunk):
             return self.distance_bias_route(q, k, v, window, chunk, need_usage)
         if need_weights or chunk >= T:
             out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
