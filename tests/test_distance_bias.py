@@ -19,9 +19,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plugins.attention import build_attention
+from plugins.attention import build_attention, distance_bias
 from plugins.attention.adaptive_span import log_of, soft_span_mask
-from plugins.attention import distance_bias
 from plugins.attention.distance_bias import DistanceBiasAttention, position_rows
 
 D, H = 16, 2

@@ -227,9 +227,10 @@ def distance_bias_attention(
 
 
 # Below this many score elements per sequence (H x T x S) the former route (one pass through SDPA with the
-# gathered bias) measured faster on CPU: 1.18x / 1.06x its time at H x T x S = 16k / 64k (B 16, T 64 / 128,
-# D 128, training segments of the PTB studies), 0.81x / 0.79x / 0.53x at 262k / 1M / 4M (2026-12-05, one
-# relative layer forward + backward, 1 thread, paired in one process). Both routes compute the same function.
+# gathered bias) measured faster on CPU: this route took 1.14x / 1.02x its time at H x T x S = 16k / 64k (B 16,
+# T 64 / 128, D 128: the PTB studies' training segments), 0.65x / 0.74x / 0.26x at 262k / 1M / 4M (2026-12-05,
+# `python -m recipes.benchmarks.run --quick --only mechanisms --mechanism-cases relative_routes`). Both routes
+# compute the same function.
 MIN_SCORE_ELEMENTS = 2**17
 
 

@@ -18,6 +18,10 @@
 - ``linear_backward``: our causal linear attention with its recomputing backward (``CausalLinearAttention``)
   against the same chunked forward differentiated by autograd (which also saves the chunk products and
   states): forward + backward time, peak memory and bytes saved for backward per N.
+- ``relative_routes`` (Transformer-XL, Dai et al. 2019): one relative layer forward + backward without memory
+  at several (B, T, D), through ``distance_bias.py`` and through the former route (gathered bias, one SDPA
+  call, checkpointed chunks), whatever ``distance_bias_applies`` would choose: where its threshold
+  ``MIN_SCORE_ELEMENTS`` (H x T x S scores per sequence) comes from.
 - ``reversible`` (Reformer, Kitaev et al. 2020): one training step of an LSH model (2 hashes, D 256, FFN
   1024, byte vocabulary) at depth 1 ... 12, plain against ``--reversible --ffn-chunks 4``: peak memory as
   a function of depth (reversible stays flat).
@@ -35,7 +39,7 @@ import torch
 
 from ..memory import count_saved_tensors, peak_memory, saved_tensor_bytes
 
-CASES = ("span", "compressive", "decode", "linear_backward", "reversible")
+CASES = ("span", "compressive", "decode", "linear_backward", "relative_routes", "reversible")
 # setting: (full, --quick, --smoke); the full sizes are those of the former per-mechanism scripts
 SIZES = {
     "span": {"D": (512, 256, 32), "H": (8, 4, 2), "T": (512, 256, 32), "repeats": (3, 2, 1),
@@ -46,6 +50,10 @@ SIZES = {
                "steps": (64, 32, 2)},
     "linear_backward": {"D": (256, 256, 32), "H": (4, 4, 2), "lengths": ([512, 1024, 2048, 4096, 8192, 16384],
                         [1024, 4096], [128]), "repeats": (3, 2, 1)},
+    "relative_routes": {"H": (4, 4, 2), "D": (None, None, None), "repeats": (5, 5, 1),  # shapes: (B, T, D)
+                        "shapes": ([(16, 64, 128), (16, 128, 128), (8, 256, 128), (1, 512, 256), (1, 1024, 256)],
+                                   [(16, 64, 128), (16, 128, 128), (8, 256, 128), (1, 512, 256), (1, 1024, 256)],
+                                   [(2, 16, 32)])},
     "reversible": {"D": (256, 256, 32), "H": (4, 4, 2), "N": (4096, 2048, 128),
                    "depths": ([1, 2, 4, 8, 12], [1, 4, 12], [1, 2])},
 }  # fmt: skip
@@ -69,6 +77,9 @@ def specs(cases: List[str], level: int, device: str) -> List[Dict]:
         elif case == "linear_backward":
             out += [{**base, "impl": impl, "N": n, "repeats": s["repeats"]}
                     for n in s["lengths"] for impl in ("custom", "autograd")]  # fmt: skip
+        elif case == "relative_routes":
+            out += [{**base, "B": b, "T": t, "D": d, "repeats": s["repeats"], "impl": impl}
+                    for b, t, d in s["shapes"] for impl in ("distance_bias", "former")]  # fmt: skip
         else:
             out += [{**base, "N": s["N"], "layers": depth, "reversible": rev}
                     for depth in s["depths"] for rev in (False, True)]  # fmt: skip
@@ -79,7 +90,8 @@ def measure(spec: Dict) -> Dict:
     """Worker side: the measurement of one spec."""
     torch.manual_seed(0)
     return {"span": span_case, "compressive": compressive_case, "decode": decode_case,
-            "linear_backward": linear_backward_case, "reversible": reversible_case}[spec["case"]](spec)  # fmt: skip
+            "linear_backward": linear_backward_case, "relative_routes": relative_routes_case,
+            "reversible": reversible_case}[spec["case"]](spec)  # fmt: skip
 
 
 def timed_steps(step, repeats: int, device: torch.device) -> Dict:
@@ -249,6 +261,27 @@ def linear_backward_case(spec: Dict) -> Dict:
     return {**result, "saved_mb": saved_tensor_bytes(forward, x) / 2**20}
 
 
+# ---- relative attention: the two routes ------------------------------------------------------------------
+def relative_routes_case(spec: Dict) -> Dict:
+    from plugins.attention import build_attention, relative
+
+    route = spec["impl"] == "distance_bias"
+    device = torch.device(spec["device"])
+    attn = build_attention("relative", spec["D"], spec["H"], 0.0, SimpleNamespace(pos_emb="relative")).to(device)
+    x = torch.randn(spec["B"], spec["T"], spec["D"], device=device, requires_grad=True)  # B x T x D
+
+    def step():
+        attn(x, None, 0)[0].sum().backward()
+        x.grad = None
+
+    chooses = relative.distance_bias_applies
+    relative.distance_bias_applies = lambda q, num_keys, chunk: route and q.dtype == torch.float32
+    try:
+        return {**timed_steps(step, spec["repeats"], device), "scores": spec["H"] * spec["T"] ** 2}
+    finally:
+        relative.distance_bias_applies = chooses
+
+
 # ---- reversible layers ---------------------------------------------------------------------------------
 def reversible_case(spec: Dict) -> Dict:
     from fairseq.data import Dictionary
@@ -305,6 +338,17 @@ def tables(rows: List[Dict]) -> List[str]:
             cells = [f"{by[i, n]['ms']:.1f} / {by[i, n]['peak_mb']:.0f} / {by[i, n]['saved_mb']:.1f}"
                      if (i, n) in by else "–" for i in ("custom", "autograd")]  # fmt: skip
             parts.append(f"| {n} | " + " | ".join(cells) + " |")
+        parts.append("")
+    if ok["relative_routes"]:
+        parts += ["### Relative attention: distance_bias.py vs the former route (one layer, forward + backward)", "",
+                  "| B x T, D | H x T x S per sequence | distance_bias ms | former ms | distance_bias / former |",
+                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+        by = {(r["impl"], r["B"], r["T"], r["D"]): r for r in ok["relative_routes"]}
+        for b, t, d in sorted({(r["B"], r["T"], r["D"]) for r in ok["relative_routes"]}, key=lambda s: s[1]):
+            new, old = by.get(("distance_bias", b, t, d)), by.get(("former", b, t, d))
+            if new and old:
+                parts.append(f"| {b} x {t}, {d} | {new['scores']:,} | {new['ms']:.1f} | {old['ms']:.1f} | "
+                             f"{new['ms'] / old['ms']:.2f}x |")  # fmt: skip
         parts.append("")
     if ok["reversible"]:
         r0 = ok["reversible"][0]
