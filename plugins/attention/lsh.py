@@ -169,34 +169,42 @@ class LSHAttention(Attention):
         buckets = F.pad(buckets, (0, 1), value=-1)  # B x H x R x (S+1): the padding position's bucket
         sorted_buckets = buckets.gather(-1, order)  # B x H x R x P
 
-        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> B x H x R x K x C x Dh
-            t = F.pad(t, (0, 0, 0, 1))  # B x H x (S+1) x Dh: a zero row for the padding
-            idx = order.reshape(B, H, R * P, 1).expand(-1, -1, -1, t.size(-1))
-            return t.gather(2, idx).view(B, H, R, K, C, t.size(-1))
+        # Sorted rows of all rounds in one flat sequence (B*H*R*P rows), preceded by one chunk of zero rows:
+        # the keys and values of chunk g are then the window of rows [g C, g C + 2C), a strided view (no
+        # copy). The previous chunk of a round's first chunk is another round's last one (or the zero rows):
+        # its keys carry the fill position S and bucket -1 below, so they are masked exactly as zero keys.
+        heads = torch.arange(B * H, device=qk.device).view(B, H, 1, 1) * (S + 1)
+        rows = F.pad((heads + order).flatten(), (C, 0), value=S)  # C + B*H*R*P: row of (B*H) x (S+1)
 
-        q, values = sort(qk), sort(v)
-        keys = look_one_back(F.normalize(q, dim=-1), 0.0)  # B x H x R x K x 2C x Dh
-        values = look_one_back(values, 0.0)
+        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> (C + B*H*R*P) x Dh (the first C rows zero)
+            t = F.pad(t, (0, 0, 0, 1))  # B x H x (S+1) x Dh: a zero row for the padding
+            return t.flatten(0, 2).index_select(0, rows)
+
+        sorted_qk, sorted_v = sort(qk), sort(v)
+        q = sorted_qk[C:].view(B * H * R * K, C, -1)  # (B H R K) x C x Dh
+        keys = F.normalize(sorted_qk, dim=-1).unfold(0, 2 * C, C)  # (B H R K) x Dh x 2C: chunk g's keys^T
+        values = sorted_v.unfold(0, 2 * C, C).transpose(1, 2)  # (B H R K) x 2C x Dh
         q_pos = order.view(B, H, R, K, C, 1)
         k_pos = look_one_back(q_pos, S).transpose(-1, -2)  # B x H x R x K x 1 x 2C
         q_bucket = sorted_buckets.view(B, H, R, K, C, 1)
         k_bucket = look_one_back(q_bucket, -1).transpose(-1, -2)  # B x H x R x K x 1 x 2C
+        shape = (B * H * R * K, C, 2 * C)
+        is_self = (k_pos == q_pos).view(shape)
+        masked = ((k_pos > q_pos) | (k_bucket != q_bucket)).view(shape)  # self stays: no empty row
+        counts = self.compared_rounds(buckets, order, unsort, K, C).view(shape) if R > 1 else None
 
-        # The scores are the largest tensor (R x S x 2C per head): modified in place, and only the
-        # softmax weights are kept for the backward pass (softmax_and_logsumexp).
-        scores = torch.einsum("...cd,...ed->...ce", q * self.scale, keys)  # B x H x R x K x C x 2C
-        scores.masked_fill_(k_pos == q_pos, SELF_SCORE)
-        if R > 1:
-            scores.sub_(self.compared_rounds(buckets, order, unsort, K, C).to(scores.dtype).clamp_(min=1).log_())
-        scores.masked_fill_((k_pos > q_pos) | (k_bucket != q_bucket), float("-inf"))  # self stays: no empty row
-        weights, lse = SoftmaxAndLogSumExp.apply(scores)  # B x H x R x K x C x {2C, 1}
+        # The scores are the largest tensor (R x S x 2C per head): computed, masked and turned into the
+        # softmax weights in place in one function, which keeps only the weights for the backward pass.
+        weights, lse = LSHScoresSoftmax.apply(q, keys, self.scale, is_self, counts, masked)  # (BHRK) x C x {2C, 1}
         weights = F.dropout(weights, self.dropout, self.training)
-        out = weights @ values  # B x H x R x K x C x Dh
+        out = torch.bmm(weights, values)  # (B H R K) x C x Dh
 
-        # Unsort: drop the padding (the last P - S slots of every round), then slot -> position.
-        out = out.view(B, H, R, P, -1)[:, :, :, :S]
-        out = out.gather(3, unsort[..., None].expand(-1, -1, -1, -1, out.size(-1)))  # B x H x R x S x Dh
-        lse = lse.view(B, H, R, P)[..., :S].gather(3, unsort)  # B x H x R x S
+        # Unsort: slot -> position in every round (the padding slots, the last P - S, are never picked).
+        slots = (torch.arange(B * H * R, device=qk.device).view(B, H, R, 1) * P + unsort).flatten()
+        out = out.view(B * H * R * P, -1).index_select(0, slots).view(B, H, R, S, -1)  # B x H x R x S x Dh
+        if R == 1:
+            return out[:, :, 0]
+        lse = lse.view(-1).index_select(0, slots).view(B, H, R, S)  # B x H x R x S
         round_weights = lse.softmax(dim=2)  # Appendix A: rounds weighted by their log-sum-exp
         return (round_weights[..., None] * out).sum(dim=2)  # B x H x S x Dh
 
@@ -229,19 +237,39 @@ class LSHAttention(Attention):
         return count
 
 
-class SoftmaxAndLogSumExp(torch.autograd.Function):
-    """softmax and logsumexp over the last dim, keeping only the softmax for backward (not the scores):
-    d lse / d scores = softmax, so  grad_scores = w * (g_w - sum(g_w * w) + g_lse)."""
+class LSHScoresSoftmax(torch.autograd.Function):
+    """The chunked scores, their masks and the softmax in one step, keeping for backward only the softmax
+    weights (not the scores) and the inputs of the product. Per chunk g (shapes n x C x Dh, n x Dh x 2C):
+
+        s = scale q k^T,  s[is_self] = SELF_SCORE,  s -= log max(counts, 1),  s[masked] = -inf,
+        w = softmax(s),  lse = logsumexp(s)   (the max subtracted in place, then exp, then the sum)
+
+    d lse / d s = w, so  grad_s = w * (g_w - sum(g_w * w) + g_lse), zero where is_self (a filled score has
+    no gradient) and, as w = 0 there, where masked; then grad_q = scale grad_s k, grad_k^T = scale q^T grad_s."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor):
-        lse = scores.logsumexp(dim=-1, keepdim=True)
-        weights = (scores - lse).exp_()
-        ctx.save_for_backward(weights)
-        return weights, lse
+    def forward(ctx, q: Tensor, keys_t: Tensor, scale: float, is_self: Tensor, counts, masked: Tensor):
+        scores = torch.baddbmm(q.new_empty(()), q, keys_t, beta=0, alpha=scale)  # n x C x 2C
+        scores.masked_fill_(is_self, SELF_SCORE)
+        if counts is not None:
+            scores.sub_(counts.to(scores.dtype).clamp_(min=1).log_())
+        scores.masked_fill_(masked, float("-inf"))
+        top = scores.amax(dim=-1, keepdim=True)  # finite: the self score is never masked
+        weights = scores.sub_(top).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        weights.div_(total)
+        ctx.scale = scale
+        ctx.save_for_backward(q, keys_t, is_self, weights)
+        return weights, total.log_().add_(top)
 
     @staticmethod
     def backward(ctx, grad_weights: Tensor, grad_lse: Tensor):
-        (weights,) = ctx.saved_tensors
-        inner = grad_lse - (grad_weights * weights).sum(dim=-1, keepdim=True)
-        return weights * (grad_weights + inner)
+        q, keys_t, is_self, weights = ctx.saved_tensors
+        grad = grad_weights * weights  # n x C x 2C
+        inner = grad.sum(dim=-1, keepdim=True).neg_()
+        if grad_lse is not None:
+            inner.add_(grad_lse)
+        grad.addcmul_(weights, inner).masked_fill_(is_self, 0.0)
+        grad_q = torch.baddbmm(q.new_empty(()), grad, keys_t.transpose(1, 2), beta=0, alpha=ctx.scale)
+        grad_k = torch.baddbmm(q.new_empty(()), q.transpose(1, 2), grad, beta=0, alpha=ctx.scale)
+        return grad_q, grad_k, None, None, None, None
