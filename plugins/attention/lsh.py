@@ -169,21 +169,20 @@ class LSHAttention(Attention):
         buckets = F.pad(buckets, (0, 1), value=-1)  # B x H x R x (S+1): the padding position's bucket
         sorted_buckets = buckets.gather(-1, order)  # B x H x R x P
 
-        # Sorted rows of all rounds in one flat sequence (B*H*R*P rows), preceded by one chunk of zero rows:
+        # Sorted rows of all rounds in one flat sequence (B*H*R*P rows), preceded by one chunk of filler rows:
         # the keys and values of chunk g are then the window of rows [g C, g C + 2C), a strided view (no
-        # copy). The previous chunk of a round's first chunk is another round's last one (or the zero rows):
-        # its keys carry the fill position S and bucket -1 below, so they are masked exactly as zero keys.
-        heads = torch.arange(B * H, device=qk.device).view(B, H, 1, 1) * (S + 1)
-        rows = F.pad((heads + order).flatten(), (C, 0), value=S)  # C + B*H*R*P: row of (B*H) x (S+1)
+        # copy). The previous chunk of a round's first chunk is another round's last one (or the filler):
+        # its keys carry the fill position S and bucket -1 below, so they are masked as before. Padding
+        # slots and filler rows read row 0 of the table: masked keys (weight exactly 0) and dropped queries.
+        heads = torch.arange(B * H, device=qk.device).view(B, H, 1, 1) * S
+        rows = (heads + order.clamp(max=S - 1)).masked_fill_(order == S, 0)  # B x H x R x P: row of (B H) x S
+        rows = F.pad(rows.flatten(), (C, 0))  # C + B*H*R*P
 
-        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> (C + B*H*R*P) x Dh (the first C rows zero)
-            t = F.pad(t, (0, 0, 0, 1))  # B x H x (S+1) x Dh: a zero row for the padding
+        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> (C + B*H*R*P) x Dh
             return t.flatten(0, 2).index_select(0, rows)
 
-        sorted_qk, sorted_v = sort(qk), sort(v)
-        q = sorted_qk[C:].view(B * H * R * K, C, -1)  # (B H R K) x C x Dh
-        keys = F.normalize(sorted_qk, dim=-1).unfold(0, 2 * C, C)  # (B H R K) x Dh x 2C: chunk g's keys^T
-        values = sorted_v.unfold(0, 2 * C, C).transpose(1, 2)  # (B H R K) x 2C x Dh
+        q = sort(qk)[C:].view(B * H * R * K, C, -1)  # (B H R K) x C x Dh
+        keys, values = sort(F.normalize(qk, dim=-1)), sort(v)  # (C + B H R P) x Dh
         q_pos = order.view(B, H, R, K, C, 1)
         k_pos = look_one_back(q_pos, S).transpose(-1, -2)  # B x H x R x K x 1 x 2C
         q_bucket = sorted_buckets.view(B, H, R, K, C, 1)
@@ -197,7 +196,7 @@ class LSHAttention(Attention):
         # softmax weights in place in one function, which keeps only the weights for the backward pass.
         weights, lse = LSHScoresSoftmax.apply(q, keys, self.scale, is_self, counts, masked)  # (BHRK) x C x {2C, 1}
         weights = F.dropout(weights, self.dropout, self.training)
-        out = torch.bmm(weights, values)  # (B H R K) x C x Dh
+        out = WindowProduct.apply(weights, values)  # (B H R K) x C x Dh
 
         # Unsort: slot -> position in every round (the padding slots, the last P - S, are never picked).
         slots = (torch.arange(B * H * R, device=qk.device).view(B, H, R, 1) * P + unsort).flatten()
@@ -237,6 +236,41 @@ class LSHAttention(Attention):
         return count
 
 
+def windows(rows: Tensor, n: int) -> Tensor:
+    """(C + n C) x F rows -> n x F x 2C: window g holds rows [g C, g C + 2C) as columns (a view, no copy)."""
+    C = rows.size(0) // (n + 1)
+    return rows.unfold(0, 2 * C, C)
+
+
+def window_rows_grad(weights: Tensor, other: Tensor, alpha: float = 1.0) -> Tensor:
+    """The gradient of the rows behind ``windows``: window g's products weights_g^T other_g (2C x F) summed
+    back onto their rows, the first C onto chunk g - 1's rows and the last C onto chunk g's: (C + n C) x F.
+    weights: n x C x 2C, other: n x C x F."""
+    n, C, F_ = weights.size(0), weights.size(1), other.size(-1)
+    grad = other.new_empty(C + n * C, F_)
+    torch.baddbmm(grad[C:].view(n, C, F_), weights[:, :, C:].transpose(1, 2), other, beta=0, alpha=alpha,
+                  out=grad[C:].view(n, C, F_))  # fmt: skip
+    grad[:C].zero_()
+    grad[:-C].view(n, C, F_).baddbmm_(weights[:, :, :C].transpose(1, 2), other, alpha=alpha)
+    return grad
+
+
+class WindowProduct(torch.autograd.Function):
+    """out_g = weights_g @ values[g C : g C + 2C] for every chunk g: weights n x C x 2C, values (C + n C) x Dh
+    -> n x C x Dh, without materializing the overlapping windows (forward or backward)."""
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, values: Tensor):
+        ctx.save_for_backward(weights, values)
+        return torch.bmm(weights, windows(values, weights.size(0)).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weights, values = ctx.saved_tensors
+        grad_weights = torch.bmm(grad_out, windows(values, weights.size(0)))  # n x C x 2C
+        return grad_weights, window_rows_grad(weights, grad_out)
+
+
 class LSHScoresSoftmax(torch.autograd.Function):
     """The chunked scores, their masks and the softmax in one step, keeping for backward only the softmax
     weights (not the scores) and the inputs of the product. Per chunk g (shapes n x C x Dh, n x Dh x 2C):
@@ -245,10 +279,12 @@ class LSHScoresSoftmax(torch.autograd.Function):
         w = softmax(s),  lse = logsumexp(s)   (the max subtracted in place, then exp, then the sum)
 
     d lse / d s = w, so  grad_s = w * (g_w - sum(g_w * w) + g_lse), zero where is_self (a filled score has
-    no gradient) and, as w = 0 there, where masked; then grad_q = scale grad_s k, grad_k^T = scale q^T grad_s."""
+    no gradient) and, as w = 0 there, where masked; then grad_q = scale grad_s k, grad_k = scale grad_s^T q (on the
+    rows behind the windows: ``window_rows_grad``)."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, keys_t: Tensor, scale: float, is_self: Tensor, counts, masked: Tensor):
+    def forward(ctx, q: Tensor, keys: Tensor, scale: float, is_self: Tensor, counts, masked: Tensor):
+        keys_t = windows(keys, q.size(0))  # n x Dh x 2C (a view of the (C + n C) x Dh rows)
         scores = torch.baddbmm(q.new_empty(()), q, keys_t, beta=0, alpha=scale)  # n x C x 2C
         scores.masked_fill_(is_self, SELF_SCORE)
         if counts is not None:
@@ -259,17 +295,18 @@ class LSHScoresSoftmax(torch.autograd.Function):
         total = weights.sum(dim=-1, keepdim=True)
         weights.div_(total)
         ctx.scale = scale
-        ctx.save_for_backward(q, keys_t, is_self, weights)
+        ctx.save_for_backward(q, keys, is_self, weights)
         return weights, total.log_().add_(top)
 
     @staticmethod
     def backward(ctx, grad_weights: Tensor, grad_lse: Tensor):
-        q, keys_t, is_self, weights = ctx.saved_tensors
+        q, keys, is_self, weights = ctx.saved_tensors
         grad = grad_weights * weights  # n x C x 2C
         inner = grad.sum(dim=-1, keepdim=True).neg_()
         if grad_lse is not None:
             inner.add_(grad_lse)
         grad.addcmul_(weights, inner).masked_fill_(is_self, 0.0)
+        keys_t = windows(keys, q.size(0))
         grad_q = torch.baddbmm(q.new_empty(()), grad, keys_t.transpose(1, 2), beta=0, alpha=ctx.scale)
-        grad_k = torch.baddbmm(q.new_empty(()), q.transpose(1, 2), grad, beta=0, alpha=ctx.scale)
+        grad_k = window_rows_grad(grad, q, alpha=ctx.scale)
         return grad_q, grad_k, None, None, None, None
