@@ -38,6 +38,13 @@ in the chunked regime (S > chunk) *which* earlier keys share a query's chunks de
 tokens hash (they move the chunk boundaries). Outputs have zero gradient w.r.t. later tokens, but
 they are not invariant to them; for S <= chunk they are.
 
+Implementation (CPU time is dominated by fresh score-sized tensors, each a new mapping whose pages fault
+on first touch): the sorted rows of all rounds form one flat table, so a chunk's keys and values (its own
+and the previous chunk) are a strided window of it, never copied; the scores are computed, masked and
+turned into softmax weights in place by one autograd function (``LSHScoresSoftmax``) that keeps only the
+weights, and the windowed products write their gradients straight onto the table's rows
+(``window_rows_grad``). Same function as the plain masked-tensor form (tested against it).
+
 Generation: the layer keeps its inputs (``HiddenMemory``) and recomputes LSH attention over the whole
 prefix at every step, so a step's output equals a parallel pass over the same prefix. No segment
 memory (``--mem-len``): ``supports_memory = False``.
