@@ -38,6 +38,13 @@ in the chunked regime (S > chunk) *which* earlier keys share a query's chunks de
 tokens hash (they move the chunk boundaries). Outputs have zero gradient w.r.t. later tokens, but
 they are not invariant to them; for S <= chunk they are.
 
+Implementation (CPU time is dominated by fresh score-sized tensors, each a new mapping whose pages fault
+on first touch): the sorted rows of all rounds form one flat table, so a chunk's keys and values (its own
+and the previous chunk) are a strided window of it, never copied; the scores are computed, masked and
+turned into softmax weights in place by one autograd function (``LSHScoresSoftmax``) that keeps only the
+weights, and the windowed products write their gradients straight onto the table's rows
+(``window_rows_grad``). Same function as the plain masked-tensor form (tested against it).
+
 Generation: the layer keeps its inputs (``HiddenMemory``) and recomputes LSH attention over the whole
 prefix at every step, so a step's output equals a parallel pass over the same prefix. No segment
 memory (``--mem-len``): ``supports_memory = False``.
@@ -169,34 +176,41 @@ class LSHAttention(Attention):
         buckets = F.pad(buckets, (0, 1), value=-1)  # B x H x R x (S+1): the padding position's bucket
         sorted_buckets = buckets.gather(-1, order)  # B x H x R x P
 
-        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> B x H x R x K x C x Dh
-            t = F.pad(t, (0, 0, 0, 1))  # B x H x (S+1) x Dh: a zero row for the padding
-            idx = order.reshape(B, H, R * P, 1).expand(-1, -1, -1, t.size(-1))
-            return t.gather(2, idx).view(B, H, R, K, C, t.size(-1))
+        # Sorted rows of all rounds in one flat sequence (B*H*R*P rows), preceded by one chunk of filler rows:
+        # the keys and values of chunk g are then the window of rows [g C, g C + 2C), a strided view (no
+        # copy). The previous chunk of a round's first chunk is another round's last one (or the filler):
+        # its keys carry the fill position S and bucket -1 below, so they are masked as before. Padding
+        # slots and filler rows read row 0 of the table: masked keys (weight exactly 0) and dropped queries.
+        heads = torch.arange(B * H, device=qk.device).view(B, H, 1, 1) * S
+        rows = (heads + order.clamp(max=S - 1)).masked_fill_(order == S, 0)  # B x H x R x P: row of (B H) x S
+        rows = F.pad(rows.flatten(), (C, 0))  # C + B*H*R*P
 
-        q, values = sort(qk), sort(v)
-        keys = look_one_back(F.normalize(q, dim=-1), 0.0)  # B x H x R x K x 2C x Dh
-        values = look_one_back(values, 0.0)
+        def sort(t: Tensor) -> Tensor:  # B x H x S x Dh -> (C + B*H*R*P) x Dh
+            return t.flatten(0, 2).index_select(0, rows)
+
+        q = sort(qk)[C:].view(B * H * R * K, C, -1)  # (B H R K) x C x Dh
+        keys, values = sort(F.normalize(qk, dim=-1)), sort(v)  # (C + B H R P) x Dh
         q_pos = order.view(B, H, R, K, C, 1)
         k_pos = look_one_back(q_pos, S).transpose(-1, -2)  # B x H x R x K x 1 x 2C
         q_bucket = sorted_buckets.view(B, H, R, K, C, 1)
         k_bucket = look_one_back(q_bucket, -1).transpose(-1, -2)  # B x H x R x K x 1 x 2C
+        shape = (B * H * R * K, C, 2 * C)
+        is_self = (k_pos == q_pos).view(shape)
+        masked = ((k_pos > q_pos) | (k_bucket != q_bucket)).view(shape)  # self stays: no empty row
+        counts = self.compared_rounds(buckets, order, unsort, K, C).view(shape) if R > 1 else None
 
-        # The scores are the largest tensor (R x S x 2C per head): modified in place, and only the
-        # softmax weights are kept for the backward pass (softmax_and_logsumexp).
-        scores = torch.einsum("...cd,...ed->...ce", q * self.scale, keys)  # B x H x R x K x C x 2C
-        scores.masked_fill_(k_pos == q_pos, SELF_SCORE)
-        if R > 1:
-            scores.sub_(self.compared_rounds(buckets, order, unsort, K, C).to(scores.dtype).clamp_(min=1).log_())
-        scores.masked_fill_((k_pos > q_pos) | (k_bucket != q_bucket), float("-inf"))  # self stays: no empty row
-        weights, lse = SoftmaxAndLogSumExp.apply(scores)  # B x H x R x K x C x {2C, 1}
+        # The scores are the largest tensor (R x S x 2C per head): computed, masked and turned into the
+        # softmax weights in place in one function, which keeps only the weights for the backward pass.
+        weights, lse = LSHScoresSoftmax.apply(q, keys, self.scale, is_self, counts, masked)  # (BHRK) x C x {2C, 1}
         weights = F.dropout(weights, self.dropout, self.training)
-        out = weights @ values  # B x H x R x K x C x Dh
+        out = WindowProduct.apply(weights, values)  # (B H R K) x C x Dh
 
-        # Unsort: drop the padding (the last P - S slots of every round), then slot -> position.
-        out = out.view(B, H, R, P, -1)[:, :, :, :S]
-        out = out.gather(3, unsort[..., None].expand(-1, -1, -1, -1, out.size(-1)))  # B x H x R x S x Dh
-        lse = lse.view(B, H, R, P)[..., :S].gather(3, unsort)  # B x H x R x S
+        # Unsort: slot -> position in every round (the padding slots, the last P - S, are never picked).
+        slots = (torch.arange(B * H * R, device=qk.device).view(B, H, R, 1) * P + unsort).flatten()
+        out = out.view(B * H * R * P, -1).index_select(0, slots).view(B, H, R, S, -1)  # B x H x R x S x Dh
+        if R == 1:
+            return out[:, :, 0]
+        lse = lse.view(-1).index_select(0, slots).view(B, H, R, S)  # B x H x R x S
         round_weights = lse.softmax(dim=2)  # Appendix A: rounds weighted by their log-sum-exp
         return (round_weights[..., None] * out).sum(dim=2)  # B x H x S x Dh
 
@@ -229,19 +243,77 @@ class LSHAttention(Attention):
         return count
 
 
-class SoftmaxAndLogSumExp(torch.autograd.Function):
-    """softmax and logsumexp over the last dim, keeping only the softmax for backward (not the scores):
-    d lse / d scores = softmax, so  grad_scores = w * (g_w - sum(g_w * w) + g_lse)."""
+def windows(rows: Tensor, n: int) -> Tensor:
+    """(C + n C) x F rows -> n x F x 2C: window g holds rows [g C, g C + 2C) as columns (a view, no copy)."""
+    C = rows.size(0) // (n + 1)
+    return rows.unfold(0, 2 * C, C)
+
+
+def window_rows_grad(weights: Tensor, other: Tensor, alpha: float = 1.0) -> Tensor:
+    """The gradient of the rows behind ``windows``: window g's products weights_g^T other_g (2C x F) summed
+    back onto their rows, the first C onto chunk g - 1's rows and the last C onto chunk g's: (C + n C) x F.
+    weights: n x C x 2C, other: n x C x F."""
+    n, C, F_ = weights.size(0), weights.size(1), other.size(-1)
+    grad = other.new_empty(C + n * C, F_)
+    torch.baddbmm(grad[C:].view(n, C, F_), weights[:, :, C:].transpose(1, 2), other, beta=0, alpha=alpha,
+                  out=grad[C:].view(n, C, F_))  # fmt: skip
+    grad[:C].zero_()
+    grad[:-C].view(n, C, F_).baddbmm_(weights[:, :, :C].transpose(1, 2), other, alpha=alpha)
+    return grad
+
+
+class WindowProduct(torch.autograd.Function):
+    """out_g = weights_g @ values[g C : g C + 2C] for every chunk g: weights n x C x 2C, values (C + n C) x Dh
+    -> n x C x Dh, without materializing the overlapping windows (forward or backward)."""
 
     @staticmethod
-    def forward(ctx, scores: Tensor):
-        lse = scores.logsumexp(dim=-1, keepdim=True)
-        weights = (scores - lse).exp_()
-        ctx.save_for_backward(weights)
-        return weights, lse
+    def forward(ctx, weights: Tensor, values: Tensor):
+        ctx.save_for_backward(weights, values)
+        return torch.bmm(weights, windows(values, weights.size(0)).transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        weights, values = ctx.saved_tensors
+        grad_weights = torch.bmm(grad_out, windows(values, weights.size(0)))  # n x C x 2C
+        return grad_weights, window_rows_grad(weights, grad_out)
+
+
+class LSHScoresSoftmax(torch.autograd.Function):
+    """The chunked scores, their masks and the softmax in one step, keeping for backward only the softmax
+    weights (not the scores) and the inputs of the product. Per chunk g (shapes n x C x Dh, n x Dh x 2C):
+
+        s = scale q k^T,  s[is_self] = SELF_SCORE,  s -= log max(counts, 1),  s[masked] = -inf,
+        w = softmax(s),  lse = logsumexp(s)   (the max subtracted in place, then exp, then the sum)
+
+    d lse / d s = w, so  grad_s = w * (g_w - sum(g_w * w) + g_lse), zero where is_self (a filled score has
+    no gradient) and, as w = 0 there, where masked; then grad_q = scale grad_s k, grad_k = scale grad_s^T q (on the
+    rows behind the windows: ``window_rows_grad``)."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, keys: Tensor, scale: float, is_self: Tensor, counts, masked: Tensor):
+        keys_t = windows(keys, q.size(0))  # n x Dh x 2C (a view of the (C + n C) x Dh rows)
+        scores = torch.baddbmm(q.new_empty(()), q, keys_t, beta=0, alpha=scale)  # n x C x 2C
+        scores.masked_fill_(is_self, SELF_SCORE)
+        if counts is not None:
+            scores.sub_(counts.to(scores.dtype).clamp_(min=1).log_())
+        scores.masked_fill_(masked, float("-inf"))
+        top = scores.amax(dim=-1, keepdim=True)  # finite: the self score is never masked
+        weights = scores.sub_(top).exp_()
+        total = weights.sum(dim=-1, keepdim=True)
+        weights.div_(total)
+        ctx.scale = scale
+        ctx.save_for_backward(q, keys, is_self, weights)
+        return weights, total.log_().add_(top)
 
     @staticmethod
     def backward(ctx, grad_weights: Tensor, grad_lse: Tensor):
-        (weights,) = ctx.saved_tensors
-        inner = grad_lse - (grad_weights * weights).sum(dim=-1, keepdim=True)
-        return weights * (grad_weights + inner)
+        q, keys, is_self, weights = ctx.saved_tensors
+        grad = grad_weights * weights  # n x C x 2C
+        inner = grad.sum(dim=-1, keepdim=True).neg_()
+        if grad_lse is not None:
+            inner.add_(grad_lse)
+        grad.addcmul_(weights, inner).masked_fill_(is_self, 0.0)
+        keys_t = windows(keys, q.size(0))
+        grad_q = torch.baddbmm(q.new_empty(()), grad, keys_t.transpose(1, 2), beta=0, alpha=ctx.scale)
+        grad_k = window_rows_grad(grad, q, alpha=ctx.scale)
+        return grad_q, grad_k, None, None, None, None
