@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from plugins.attention import build_attention, distance_bias
+from plugins.attention import build_attention, distance_bias, relative
 from plugins.attention.adaptive_span import log_of, soft_span_mask
 from plugins.attention.distance_bias import DistanceBiasAttention, position_rows
 
@@ -218,7 +218,7 @@ FORMER_ROUTE_CASES = {  # name: (attention, options, segment lengths, keep)
 def test_the_route_equals_the_former_route_in_float32(case, monkeypatch):
     """The former route (a gather, a float mask, SDPA, checkpointed chunks: what bf16 and autocast still take)
     and this one give the same outputs and gradients to 1e-5 in float32, over segments with memory."""
-    from plugins.attention import adaptive_span, relative
+    from plugins.attention import adaptive_span
     from tests.test_long_context import run
 
     name, options, lengths, keep = FORMER_ROUTE_CASES[case]
@@ -232,3 +232,19 @@ def test_the_route_equals_the_former_route_in_float32(case, monkeypatch):
     former = run(attn, xs, keep)
     for a, b in zip(new[0] + new[3], former[0] + former[3]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("route", ["distance_bias", "former", "fused"])
+def test_same_length_without_memory_is_causal_attention_on_every_route(route, monkeypatch):
+    """``--same-length`` with ``--mem-len 0`` (window 0): every query sees the keys up to itself. The distance
+    route once read window 0 as "no key at all" and returned NaN."""
+    if route == "former":
+        monkeypatch.setattr(relative, "distance_bias_applies", lambda *args: False)
+    torch.manual_seed(0)
+    ns = SimpleNamespace(pos_emb="relative", same_length=True, relative_route="fused" if route == "fused" else "auto")
+    attn = build_attention("relative", D, H, 0.0, ns).double().eval()
+    x = torch.randn(1, 24, D, dtype=torch.float64)
+    q = attn.split_heads(attn.q_proj(x))  # B x H x T x Dh
+    k, v = attn.keys_values(x, None, None)  # B x H x T x Dh
+    out, _ = attn.relative_attention(q, k, v, window=0)
+    torch.testing.assert_close(out, relative_reference(attn, q, k, v, None), rtol=1e-12, atol=1e-12)

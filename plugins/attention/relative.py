@@ -52,7 +52,7 @@ from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
-from .distance_bias import distance_bias_applies, distance_bias_attention, position_rows
+from .distance_bias import distance_bias_applies, distance_bias_attention, key_range, position_rows
 from .persistent import PersistentMemoryConfig
 from .relative_sinusoid import sinusoid_relative_attention
 
@@ -188,7 +188,10 @@ class RelativeAttention(Attention):
         attention each key received (B x S: weights averaged over heads, summed over queries, no gradient)
         if ``need_usage``. Persistent slots (``--persistent-mem-size``) get the content term only, no
         position, never masked. Beyond ``--score-chunk-elements`` the queries are processed in chunks
-        (``chunking.py``), except for ``need_weights`` (the B x H x T x S weights are the result)."""
+        (``chunking.py``), except for ``need_weights`` (the B x H x T x S weights are the result). ``window``
+        (``--same-length``): every query sees the ``window`` keys up to itself; None or 0 (``--mem-len 0``, no
+        memory to equalize over): causal only, on every route."""
+        window = window or None
         if not (need_weights or need_usage) and self.fused_route():  # the weights need the explicit path
             p = self.dropout if self.training else 0.0
             out = sinusoid_relative_attention(
@@ -210,8 +213,7 @@ class RelativeAttention(Attention):
         r = self.position_keys(S, q)  # H x S x Dh, distances S-1 .. 0
 
         def attend_chunk(t0: int, t1: int, q: Tensor, k: Tensor, v: Tensor, r: Tensor):
-            hi = S - T + t1  # keys after the chunk's last query are masked for all of its queries: left out
-            lo = 0 if not window else max(0, S - T + t0 - window + 1)  # and so are those before every window
+            lo, hi = key_range(S, T, t0, t1, window)  # the keys masked for every query of the chunk are left out
             qc = q[:, :, t0:t1]  # B x H x C x Dh
             bias = self.score_bias(qc, hi - lo, window, r[:, S - (hi - lo) :])  # B x H x C x L (L = hi - lo)
             out, weights = self.attend_keys(qc, k[:, :, lo:hi], v[:, :, lo:hi], bias, need_usage)
