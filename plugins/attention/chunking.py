@@ -14,7 +14,7 @@ backward recomputes the chunk (one more forward of the attention core, as in mem
 Rabe & Staats 2021, arXiv 2112.05682), so the training step also peaks at O(C x S). Dropout draws the
 same mask in the recomputation (the RNG state is restored).
 
-Relative attention and adaptive span's inclusive window (float32, float64) use these chunk sizes but not
+Relative attention and adaptive span's inclusive window (float32, float64, above a size) use these chunk sizes but not
 the checkpoint: ``distance_bias.py`` recomputes each chunk in its own hand-written backward pass, which needs
 neither autograd's graph of the chunk nor a second forward of its values product.
 
