@@ -94,7 +94,14 @@ def main(run: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None
         raise SystemExit(130) from None
 
 
+_terminated = False  # set by SIGTERM; checked again before the build is committed
+
+
 def _terminate(signum, frame):
+    # The KeyboardInterrupt can be swallowed where Python ignores exceptions (logging's at-fork hook
+    # runs when a worker process is forked); the flag keeps the request until Build.commit sees it.
+    global _terminated
+    _terminated = True
     raise KeyboardInterrupt
 
 
@@ -224,6 +231,8 @@ class Build:
         os.close(self._lock)
 
     def commit(self) -> None:
+        if _terminated:  # a SIGTERM whose KeyboardInterrupt was swallowed: do not publish the build
+            raise KeyboardInterrupt
         check_out(self.out)  # nobody wrote there meanwhile
         if self.out.is_dir():
             self.out.rmdir()  # empty, checked above

@@ -555,6 +555,25 @@ def test_other_bad_input(inputs, tmp_path):
     no_leftovers(out)
 
 
+def test_sigterm_swallowed_by_a_fork_hook_still_stops_the_commit(tmp_path, monkeypatch):
+    """A SIGTERM whose KeyboardInterrupt Python ignored (logging's at-fork hook swallows it when the
+    signal lands during a fork) must still keep the build from being published."""
+    from preprocess import common
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(common, "_terminated", False)
+    with pytest.raises(KeyboardInterrupt):
+        with common.Build(out) as build:
+            (build.dest / "dict.txt").write_text("a 1\n")
+            try:
+                common._terminate(signal.SIGTERM, None)
+            except KeyboardInterrupt:
+                pass  # what the at-fork hook does with it
+            build.commit()
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
 def test_interrupted_run_leaves_nothing(inputs, tmp_path):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
