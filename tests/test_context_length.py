@@ -188,6 +188,7 @@ LSTM_MATCHED = {  # lstm preset: (transformer preset, vocabulary it is matched o
     "lstm_stateful_tiny": ("full_tiny", 260),
     "lstm_stateful_chars": ("full_small", 56),
     "lstm_stateful_ptb": ("full_ptb", 10008),
+    "lstm_stateful_words_small": ("full_small", 10008),
 }
 
 
@@ -423,3 +424,43 @@ def test_context_eval_loads_fairseq_own_lstm_lm(byte_data, tmp_path):
     windows = [r for r in report["results"] if r["mode"] == "window"]
     assert [r["length"] for r in windows] == [16, 64] and all(0 < r["bpb"] < 9 for r in windows)
     assert all("skipped" in r for r in report["results"] if r["mode"] == "stream")
+
+
+@pytest.mark.cli
+def test_study_evaluates_models_trained_elsewhere(byte_data, tmp_path):
+    """``recipes.context_length.run --checkpoints NAME=RUN_DIR``: no training; a launcher run directory's
+    checkpoints/checkpoint_best.pt is evaluated at every length, and its numbers are context_eval's."""
+    from recipes.context_length import run as study
+
+    run_dir = tmp_path / "runs" / "lstm_run"
+    _run([BIN / "fairseq-train", byte_data, *TRAIN, "--arch", "lstm_stateful_tiny", "--max-update", "3",
+          "--save-dir", run_dir / "checkpoints"])  # fmt: skip
+    data_root = tmp_path / "data-bin"
+    data_root.mkdir()
+    (data_root / "ptb-chars").symlink_to(byte_data)  # the study's name for its character-level data
+    out = tmp_path / "study"
+    study.main(["--datasets", "ptb_chars", "--data-root", str(data_root), "--checkpoints", f"lstm={run_dir}",
+                "--length-factors", "1,2", "--eval-max-tokens", "2000", "--parallel", "1", "--out", str(out)])  # fmt: skip
+    assert not (out / "ptb_chars" / "lstm" / "checkpoint_last.pt").exists()  # nothing trained
+    report = json.loads((out / "results.json").read_text())["ptb_chars"]["lstm"]
+    assert report["command"][report["command"].index("--path") + 1] == str(
+        run_dir / "checkpoints" / "checkpoint_best.pt"
+    )
+    args = context_eval.parse_args(["--path", str(run_dir / "checkpoints" / "checkpoint_best.pt"), "--data",
+                                    str(byte_data), "--lengths", "64", "--max-tokens", "2000", "--streams", "4", "--cpu"])  # fmt: skip
+    expected = {r["mode"]: r["bpb"] for r in context_eval.run(args)["results"]}
+    at = {r["mode"]: r["bpb"] for r in report["results"] if r["length"] == 64}
+    assert at == pytest.approx(expected, abs=1e-9)
+    assert "| lstm |" in (out / "results.md").read_text() and (out / "context_length.png").exists()
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [("lstm", "expects NAME=PATH items"), ("lstm=/nonexistent/run", "/nonexistent/run not found")],
+)
+def test_study_checkpoints_bad_items_stop_before_any_work(item, message, tmp_path, capsys):
+    from recipes.context_length import run as study
+
+    with pytest.raises(SystemExit) as exc:
+        study.main(["--datasets", "ptb", "--checkpoints", item, "--out", str(tmp_path / "out")])
+    assert str(exc.value).startswith("error: ") and message in str(exc.value)

@@ -19,6 +19,10 @@ then evaluates each checkpoint with ``recipes.context_eval`` at 0.25x ... 8x the
 windows and (for the LSTM and XL) as streams with the state carried, and writes ``OUT/results.json``,
 ``OUT/results.md`` (one table per dataset: metric per model and length) and ``OUT/context_length.png``
 (metric vs evaluation length, one line per model; dashed: stream mode).
+
+``--checkpoints NAME=PATH ...`` skips the training and evaluates models trained elsewhere (a checkpoint, or a
+``slurm.launch`` run directory: its ``checkpoints/checkpoint_best.pt``), e.g. the word-level studies' models
+(docs/studies/context_length.md).
 """
 
 import argparse
@@ -139,7 +143,7 @@ def train_all(jobs: list, parallel: int) -> None:
 
 
 def eval_command(job: dict, a) -> list:
-    cmd = [sys.executable, "-m", "recipes.context_eval", "--path", str(job["save"] / "checkpoint_last.pt"),
+    cmd = [sys.executable, "-m", "recipes.context_eval", "--path", str(job["checkpoint"]),
            "--data", str(job["data"]), "--length-factors", a.length_factors, "--mode", "both", "--subset", a.subset,
            "--streams", str(a.streams), "--name", job["model"], "--out", str(job["save"] / "context_eval")]  # fmt: skip
     if a.eval_max_tokens:
@@ -155,10 +159,10 @@ def evaluate_all(jobs: list, a) -> dict:
         job["report"] = job["save"] / "context_eval" / "context_eval.json"
     todo = []
     for job in jobs:
-        if not (job["save"] / "checkpoint_last.pt").exists():
+        if not job["checkpoint"].exists():
             continue
         report = job["report"]
-        if report.exists() and report.stat().st_mtime > (job["save"] / "checkpoint_last.pt").stat().st_mtime:
+        if report.exists() and report.stat().st_mtime > job["checkpoint"].stat().st_mtime:
             if json.loads(report.read_text()).get("command") == job["eval_cmd"][3:]:
                 continue
         todo.append(job)
@@ -221,6 +225,44 @@ def plot(reports: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def training_jobs(a, out: Path) -> list:
+    """One training (then evaluation) job per dataset and model of the study."""
+    models = a.models.split(",") if a.models else all_models()
+    jobs = []
+    for dataset in a.datasets.split(","):
+        data = ensure_data(dataset, Path(a.data_root), Path(a.shared))
+        _, default_length, default_size = DATASETS[dataset]
+        length = a.train_length or default_length
+        presets = SIZES[a.size or default_size]
+        for name in models:
+            save = out / dataset / name
+            cmd = train_command(data, save, model_args(name, presets, length), length, a)
+            jobs.append({"dataset": dataset, "model": name, "data": data, "save": save, "cmd": cmd,
+                         "checkpoint": save / "checkpoint_last.pt"})  # fmt: skip
+    return jobs
+
+
+def checkpoint_jobs(items: list, datasets: str, data_root: Path, shared: Path, out: Path) -> list:
+    """Evaluation jobs for ``--checkpoints NAME=PATH ...`` (models trained elsewhere, e.g. by the studies'
+    launcher runs), all on the one dataset of ``--datasets``; a bad item stops here, before any work."""
+    if "," in datasets:
+        raise SystemExit(f"error: --checkpoints evaluates on one dataset; got --datasets {datasets}")
+    jobs = []
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --checkpoints expects NAME=PATH items, got '{item}'")
+        path = Path(path)
+        checkpoint = path / "checkpoints" / "checkpoint_best.pt" if path.is_dir() else path
+        if not checkpoint.is_file():
+            raise SystemExit(f"error: --checkpoints {item}: {checkpoint} not found (train that run first)")
+        jobs.append({"dataset": datasets, "model": name, "save": out / datasets / name, "checkpoint": checkpoint})
+    data = ensure_data(datasets, data_root, shared)
+    for job in jobs:
+        job["data"] = data
+    return jobs
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default="ptb_chars,ptb", help="comma-separated: ptb_chars, ptb")
@@ -237,6 +279,14 @@ def main(argv=None) -> None:
         help="the LSTM's peak learning rate: at the transformers' 0.002 it sits longer on the unigram plateau "
         "(2 x 77 on PTB chars, 150 updates: 3.12 bpc at 0.005, 3.65 at 0.002)",
     )
+    p.add_argument(
+        "--checkpoints",
+        nargs="+",
+        metavar="NAME=PATH",
+        help="evaluate these trained models instead of training the study's (one dataset in --datasets): "
+        "a checkpoint file, or a launcher run directory (its checkpoints/checkpoint_best.pt), e.g. "
+        "lstm=runs/study_context_length_ptb_words/lr=0.003",
+    )
     p.add_argument("--length-factors", default="0.25,0.5,1,2,4,8", help="evaluation lengths / training length")
     p.add_argument("--subset", default="test", help="evaluation split")
     p.add_argument("--eval-max-tokens", type=int, default=50000, help="score the first N tokens (0: all)")
@@ -252,20 +302,13 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(ROOT))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    models = a.models.split(",") if a.models else all_models()
-    jobs = []
-    for dataset in a.datasets.split(","):
-        data = ensure_data(dataset, Path(a.data_root), Path(a.shared))
-        _, default_length, default_size = DATASETS[dataset]
-        length = a.train_length or default_length
-        presets = SIZES[a.size or default_size]
-        for name in models:
-            save = out / dataset / name
-            cmd = train_command(data, save, model_args(name, presets, length), length, a)
-            jobs.append({"dataset": dataset, "model": name, "data": data, "save": save, "cmd": cmd})
     start = time.time()
-    train_all(jobs, a.parallel)
-    print(f"training: {time.time() - start:.0f} s", flush=True)
+    if a.checkpoints:
+        jobs = checkpoint_jobs(a.checkpoints, a.datasets, Path(a.data_root), Path(a.shared), out)
+    else:
+        jobs = training_jobs(a, out)
+        train_all(jobs, a.parallel)
+        print(f"training: {time.time() - start:.0f} s", flush=True)
     reports = evaluate_all(jobs, a)
     write_summary(reports, out)
     print((out / "results.md").read_text())

@@ -35,6 +35,15 @@ def lstm_stateful_ptb(args):
               share_decoder_input_output_embed=True)  # fmt: skip
 
 
+@register_model_architecture("lstm_stateful", "lstm_stateful_words_small")
+def lstm_stateful_words_small(args):
+    """full_small's size on PTB words (10,008 symbols; the word-level studies' model, docs/studies/): 2 x 164,
+    tied embeddings, 2,074,272 parameters vs full_small's 2,074,368 (its layers: 432,960 against 793,088); dropout
+    0.1 as full_small."""
+    _defaults(args, decoder_layers=2, decoder_embed_dim=164, decoder_hidden_size=164, dropout=0.1,
+              share_decoder_input_output_embed=True)  # fmt: skip
+
+
 @register_model_architecture("lstm_stateful", "lstm_zaremba_small")
 def lstm_zaremba_small(args):
     """Zaremba et al. 2014 (Sec. 4.1), the small non-regularized model: 2 layers x 200 units, embeddings of
