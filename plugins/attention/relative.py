@@ -105,7 +105,8 @@ class PositionKeyCache:
     (shape, dtype, device, clamp) is the same and W_R is equal to the copy kept with the table. Comparing W_R's
     values (D x D, a small fraction of the E x D x D projection) rather than its version counter keeps the table
     exact after any update, including in-place writes through ``.data`` that the counter does not see. A memo
-    of a pure function of the weights, not recurrent state: dropping it changes nothing but the time."""
+    of a pure function of the weights, not recurrent state: dropping it changes nothing but the time. Kept
+    contiguous (H x E x Dh), as the distance route multiplies it."""
 
     def __init__(self):
         self.key, self.weight, self.table = None, None, None
@@ -113,7 +114,7 @@ class PositionKeyCache:
     def get(self, key: tuple, weight: Tensor, compute) -> Tensor:
         if self.key != key or self.weight is None or not torch.equal(self.weight, weight):
             table = compute()
-            self.key, self.weight, self.table = key, weight.detach().clone(), table.detach()
+            self.key, self.weight, self.table = key, weight.detach().clone(), table.detach().contiguous()
         return self.table
 
 
