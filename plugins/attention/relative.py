@@ -99,6 +99,25 @@ def relative_shift(scores: Tensor) -> Tensor:
     return scores.gather(-1, index.expand(scores.shape))
 
 
+class PositionKeyCache:
+    """The last position-key table of a layer (``RelativeAttention.position_keys``) and the W_R it was computed
+    with: reused, without projecting the S + C - 1 sinusoids again, while no gradient reaches W_R, the request
+    (shape, dtype, device, clamp) is the same and W_R is equal to the copy kept with the table. Comparing W_R's
+    values (D x D, a small fraction of the E x D x D projection) rather than its version counter keeps the table
+    exact after any update, including in-place writes through ``.data`` that the counter does not see. A memo
+    of a pure function of the weights, not recurrent state: dropping it changes nothing but the time. Kept
+    contiguous (H x E x Dh), as the distance route multiplies it."""
+
+    def __init__(self):
+        self.key, self.weight, self.table = None, None, None
+
+    def get(self, key: tuple, weight: Tensor, compute) -> Tensor:
+        if self.key != key or self.weight is None or not torch.equal(self.weight, weight):
+            table = compute()
+            self.key, self.weight, self.table = key, weight.detach().clone(), table.detach().contiguous()
+        return self.table
+
+
 @register_attention("relative", RelativeAttentionConfig)
 class RelativeAttention(Attention):
     encodes_positions = ("relative",)
@@ -110,6 +129,7 @@ class RelativeAttention(Attention):
         self.u = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # content bias
         self.v = nn.Parameter(torch.empty(num_heads, self.head_dim).normal_(std=0.02))  # position bias
         self.sinusoid = SinusoidalPositions(embed_dim)
+        self.position_cache = PositionKeyCache()
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -141,7 +161,16 @@ class RelativeAttention(Attention):
     def position_keys(self, num_keys: int, q: Tensor, negative: int = 0) -> Tensor:
         """W_R r_d for the S distances d = S-1 .. 0 (clamped to ``--clamp-len``), by head: H x S x Dh; with
         ``negative`` > 0, followed by the rows of distances -1 .. -negative (those of distance 0: placeholders
-        for keys after the query, which are masked): H x (S + negative) x Dh."""
+        for keys after the query, which are masked): H x (S + negative) x Dh. Where no gradient reaches W_R
+        (evaluation), the table of the last call is reused while the weights and the shape are the same
+        (``PositionKeyCache``): segments of one length over a full memory ask for the same rows every time."""
+        if torch.is_grad_enabled() and self.r_proj.weight.requires_grad:
+            return self.project_distances(num_keys, q, negative)
+        key = (num_keys, negative, q.dtype, q.device, self.cfg.clamp_len)
+        return self.position_cache.get(key, self.r_proj.weight, lambda: self.project_distances(num_keys, q, negative))
+
+    def project_distances(self, num_keys: int, q: Tensor, negative: int = 0) -> Tensor:
+        """``position_keys`` computed: the sinusoids of the distances projected by W_R."""
         distance = torch.arange(
             num_keys - 1, -1 - negative, -1, device=q.device
         )  # distance of row s from the last query
