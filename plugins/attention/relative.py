@@ -52,7 +52,7 @@ from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
-from .distance_bias import distance_bias_applies, distance_bias_attention, key_range, position_rows
+from .distance_bias import distance_bias_applies, distance_bias_attention, key_range, position_rows, route_chunk
 from .persistent import PersistentMemoryConfig
 from .relative_sinusoid import sinusoid_relative_attention
 
@@ -152,12 +152,15 @@ class RelativeAttention(Attention):
         return r.view(distance.numel(), self.num_heads, self.head_dim).transpose(0, 1)  # H x (S + negative) x Dh
 
     def distance_bias_route(
-        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int], chunk: int, need_usage: bool
+        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int], need_usage: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """``relative_attention`` by ``distance_bias.py``: (q + u) and (q + v) scaled, the position keys of
         distances S-1 .. -(C-1) (H x (S + C - 1) x Dh), the shift as a strided view, a hand-written backward."""
         B, H, T, _ = q.shape
         S = k.size(2)
+        p = self.dropout if self.training else 0.0
+        N = 0 if self.persistent is None else self.persistent.size
+        chunk = route_chunk(H, T, S, N, self.cfg.score_chunk_elements, p)  # sized for key blocks
         top, rows = position_rows(S, T, chunk)
         r = self.position_keys(S, q, rows - S).contiguous()  # H x E x Dh, row e = distance S-1-e
         kp = vp = None
@@ -165,7 +168,6 @@ class RelativeAttention(Attention):
             kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
         qc = (q + self.u[:, None]) * self.scale  # B x H x T x Dh
         qp = (q + self.v[:, None]) * self.scale
-        p = self.dropout if self.training else 0.0
         return distance_bias_attention(qc, qp, k, v, r, top, chunk, window, kp=kp, vp=vp, usage=need_usage, dropout=p)
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
@@ -204,7 +206,7 @@ class RelativeAttention(Attention):
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
         if not need_weights and distance_bias_applies(q, S + N, chunk):
-            return self.distance_bias_route(q, k, v, window, chunk, need_usage)
+            return self.distance_bias_route(q, k, v, window, need_usage)
         if need_weights or chunk >= T:
             out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
             if need_usage:
