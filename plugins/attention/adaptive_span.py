@@ -47,7 +47,7 @@ position embedding p_x; the key sets differ by one position, so the outputs diff
 The queries are processed in chunks over only the keys their windows reach. The inclusive window (float32,
 float64; in query chunks or from ``distance_bias.MIN_SCORE_ELEMENTS`` scores per sequence, below which the
 former route measured faster) goes through ``distance_bias.py``, Transformer-XL's explicit route: p_x and log m_z(x) are tables by
-distance, the scores by distance are one product per chunk, shifted to keys by a strided view, the window and
+distance, the scores by distance are one product per (query chunk, key block), shifted to keys by a strided view, the window and
 causal masks are -inf column blocks, and the backward pass is written by hand. The official window (and bf16
 or autocast) keeps the former route: a gather, a masked fill, chunks beyond ``--score-chunk-elements``
 recomputed in the backward pass when training (``chunking.py``). Both are the same function, in memory

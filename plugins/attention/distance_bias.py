@@ -1,5 +1,5 @@
-"""Softmax attention with an additive term that depends on the query-key distance, in query chunks, with a
-hand-written backward pass: the explicit route of relative attention (``relative.py``, Dai et al. 2019,
+"""Softmax attention with an additive term that depends on the query-key distance, in query chunks and key
+blocks, with a hand-written backward pass: the explicit route of relative attention (``relative.py``, Dai et al. 2019,
 arXiv 1901.02860, Sec. 3.3 and App. B) and of adaptive span (``adaptive_span.py``, Sukhbaatar et al. 2019).
 
 For query i at key position a_i and key j (distance d = a_i - j), per head::
@@ -36,13 +36,36 @@ gradient, the gather and its scatter). The arithmetic is the same function as th
 tests/test_distance_bias.py against the paper's equation written plainly, tests/test_long_context.py,
 tests/test_relative_sinusoid.py against the former route).
 
-Chunks: C queries such that one sequence's H x C x (N + L) scores hold at most ``--score-chunk-elements``
-(``chunking.py``), and at most ``QUERY_BLOCK`` (128): a chunk does about C x C / 2 products above the causal
-half for its masked keys and C x C more for its negative distances, so shorter inputs are cut too.
+**Key blocks** (``KeyBlockAttention``, the default without dropout; flash-style, Dao et al. 2022). Inside a
+chunk the L keys are taken in blocks of Kb = ``KEY_BLOCK`` (aligned on the chunk's last key, the diagonal block
+first; the last one may be shorter). A block [j0, j1) of Lb keys and the C queries (the last at key position
+hi - 1) span the Lp = Lb + C - 1 distances hi-1-j0 down to hi-C-j1+1: ONE C x Lp product qp R[rows]^T, the
+same strided view and the same -inf column blocks (negative distances in the diagonal block only, distances
+>= window in the oldest). The forward keeps the online softmax over the blocks::
+
+    m' = max(m, rowmax(A_b)),   l = l exp(m - m') + rowsum(exp(A_b - m')),   acc = acc exp(m - m') + exp(A_b - m') V_b
+    out = acc / l,   lse = m + log l      (B x H x T, saved with the inputs and the output)
+
+(the slots are a block of their own, first: content only, never masked; every row's first key block holds its
+own key, so m is finite from there on). The backward takes each (chunk, block) pair from W = exp(A_b - lse)
+with the formulas above, dR and dc accumulated by the unshift over the block's rows. The products are the same
+11 per (chunk, block), none wider than C x (Kb + C - 1): a chunk's scores stay in cache at every length, where
+a C x L tensor of the whole key range (up to 8 MiB per head at N = 16384) does not. Their buffers (``Workspace``)
+are allocated once per call: reallocated per block they cost a page fault per 4 KiB under a low glibc mmap
+threshold (the suite's ``MALLOC_MMAP_THRESHOLD_``), which had made the route 4x SDPA's time at N = 4096 in
+the suite against 1.9x in a plain process (docs/long-context.md). The attention each key received (``usage``,
+most_used compression) needs the normalized weights: a second pass over the blocks with the final lse, only
+when asked. Dropout keeps ``DistanceBiasAttention`` (whole key range per chunk): its backward redraws the
+forward's masks in the same order and shapes, which a block loop would have to reproduce per block.
+
+Chunks: C queries such that one sequence's H x C x (N + min(L, Kb)) scores hold at most
+``--score-chunk-elements`` (``route_chunk``; N + L without key blocks), and at most ``QUERY_BLOCK`` (128): a
+chunk does about C x C / 2 products above the causal half for its masked keys (in the diagonal block) and
+C x (C - 1) more per block for the position columns no query of the block reads, so shorter inputs are cut too.
 
 Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = persistent slots,
-C = queries per chunk, L = keys of a chunk, Dh = head dim, G = heads of the position table (H or 1),
-E = rows of the position table.
+C = queries per chunk, L = keys of a chunk, Kb = keys per block, Lb = keys of a block (<= Kb), Dh = head dim,
+G = heads of the position table (H or 1), E = rows of the position table.
 """
 
 from typing import List, Optional, Tuple
@@ -60,6 +83,11 @@ QUERY_BLOCK = 128
 
 # Keys per block inside a query chunk (``KeyBlockAttention``); 0: the whole key range of a chunk at once
 # (``DistanceBiasAttention``). At least the chunk's C queries (the first block must hold every query's own key).
+# One relative layer fwd + bwd, D 256, 4 heads, 1 thread, process CPU time (the machine was loaded), the suite's
+# MALLOC_MMAP_THRESHOLD_, 128 queries per chunk, vs SDPA in the same process (2026-12-05): whole key range (0) /
+# 256 / 512 / 1024 keys per block: N = 1024: 2.26x / 1.66x / 1.67x / -; N = 4096: 3.08x / - / 1.87x / 1.85x;
+# N = 8192: - / 2.11x / 1.89x / 1.92x. Blocks are faster at every N measured, so there is no threshold below
+# which the whole key range is kept (one block when L <= Kb).
 KEY_BLOCK = 512
 
 
@@ -217,7 +245,7 @@ class Workspace:
 def block_scores(qc_c, qp_c, keys, R, colbias, top: int, window: Optional[int], hi: int, j0: int, j1: int,
                  scores_out: Tensor, P_out: Tensor):  # fmt: skip
     """Scores of a chunk's C queries (the last at key position hi - 1) over the keys j0 .. j1-1: B x H x C x Lb
-    (-inf where masked), the rows of R used (the Lp = Lb + C - 1 distances hi-1-j0 down to j0-hi+1+... ) and Lp.
+    (-inf where masked), the rows of R used (the Lp = Lb + C - 1 distances hi-1-j0 down to hi-C-j1+1) and Lp.
     qc_c: B x H x C x Dh; qp_c: G x (H/G * B * C) x Dh; keys: B x H x Lb x Dh; ``scores_out`` (B*H*C*Lb
     elements at least) and ``P_out`` (H*B*C*Lp) receive the scores and the position scores. Column m of the
     position scores P (C x Lp) is distance hi-1-j0-m; query c, key j0 + i reads column C-1-c+i (the strided

@@ -21,11 +21,13 @@ Two routes compute the same function (``--relative-route``; tests/test_relative_
   clamped distance is not a rotation), nor where the attention weights are needed (``most_used``
   compression, analysis): those calls take the explicit route;
 - explicit (``distance_bias.py``): the position keys W_R r_d are computed once per distance (S + C - 1 rows,
-  not T x S x D); per chunk of C queries one C x (L + C - 1) product gives the position scores by distance,
+  not T x S x D); per chunk of C queries and block of Kb keys (flash-style, online softmax; dropout: the
+  chunk's whole key range L) one C x (Kb + C - 1) product gives the position scores by distance,
   the masks are -inf column blocks in that matrix (negative distances, and distances >= the
   ``--same-length`` window), and the paper's "relative shift" (App. B) is a zero-copy strided view of it,
-  added to the content scores; the backward pass is written by hand (the chunk's weights recomputed,
-  nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per chunk. In float32 and
+  added to the content scores; the backward pass is written by hand (the block's weights recomputed from the
+  saved log-sum-exp, nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per
+  (chunk, block). In float32 and
   float64 outside autocast, for calls in query chunks or with at least ``MIN_SCORE_ELEMENTS`` (2^17) scores
   per sequence; otherwise (bf16, autocast, short segments, where it measured faster) the former route: a
   gather for the shift, a float mask, and checkpointed chunks (``chunking.py``), the same function.
