@@ -8,7 +8,11 @@ chunks, the shift as a strided view, masks filled in the distance domain, a hand
 - ``torch.autograd.gradcheck`` of the hand-written backward (finite differences), with the additive term per
   distance, one position table for all heads, a window and persistent slots;
 - the route's operations: no gather, scatter or ``masked_fill``, and 3 + 8 matrix products per chunk (no
-  recomputed forward of the whole chunk, as ``torch.utils.checkpoint`` did).
+  recomputed forward of the whole chunk, as ``torch.utils.checkpoint`` did);
+- the key blocks (``KeyBlockAttention``, online softmax): every paper-equation and former-route test also with 2
+  queries per chunk and 3 keys per block (several blocks per chunk), ``gradcheck`` of the blocked backward,
+  the blocked Function = the whole-key-range one with usage, slots, a window and the additive term, and the
+  op trace: 11 products per (chunk, block), none wider than a block.
 
 Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = slots, Dh = head dim.
 """
