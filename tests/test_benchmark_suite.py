@@ -177,3 +177,27 @@ def test_gpu_mfu_case_runs_its_training_steps_at_tiny_sizes_on_cpu():
                 "segment": 16, "batch": 2, "steps": 2, "warmup": 1, "matmul_n": 64, "device": "cpu"}  # fmt: skip
         result = gpu.training_mfu(spec)
         assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 10, result
+
+
+def test_memory_variants_attend_the_last_half_over_all_keys_against_sdpa_with_the_same_memory():
+    """Issue 18's "T = M = N/2 with memory": the memory variants' forward takes the first N/2 positions as a
+    detached memory and returns the last N/2 (no gradient into the memory), and their SDPA reference is ``full``
+    with the same memory at the same N, not ``full`` without memory."""
+    torch.manual_seed(0)
+    specs = [c for c in layer.cases([64], 32, 2, "cpu") if layer.MEMORY_LABEL in c["label"]]
+    assert {c["attention"] for c in specs} == {"full", "relative", "compressive", "adaptive_span"}
+    for spec in specs:
+        name = spec["attention"]
+        assert spec["options"][layer.MEMORY_OPTION] == 32
+        x = torch.randn(1, 64, 32, requires_grad=True)
+        out = layer.build_ours(spec)(x)
+        assert out.shape == (1, 32, 32), name
+        out.square().sum().backward()
+        assert (x.grad[:, :32] == 0).all() and (x.grad[:, 32:] != 0).any(), name
+    rows = [dict(status="ok", attention="full", label="", N=64, time_ms=10.0, peak_mb=1.0),
+            dict(status="ok", attention="full", label=layer.MEMORY_LABEL, N=64, time_ms=20.0, peak_mb=2.0),
+            dict(status="ok", attention="relative", label=layer.MEMORY_LABEL, N=64, time_ms=30.0, peak_mb=3.0),
+            dict(status="ok", attention="relative", label="", N=64, time_ms=30.0, peak_mb=3.0)]  # fmt: skip
+    layer.add_ratios(rows)
+    assert rows[2]["time_vs_sdpa"] == 1.5 and rows[2]["mem_vs_sdpa"] == 1.5
+    assert rows[3]["time_vs_sdpa"] == 3.0

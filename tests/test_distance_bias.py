@@ -8,7 +8,11 @@ chunks, the shift as a strided view, masks filled in the distance domain, a hand
 - ``torch.autograd.gradcheck`` of the hand-written backward (finite differences), with the additive term per
   distance, one position table for all heads, a window and persistent slots;
 - the route's operations: no gather, scatter or ``masked_fill``, and 3 + 8 matrix products per chunk (no
-  recomputed forward of the whole chunk, as ``torch.utils.checkpoint`` did).
+  recomputed forward of the whole chunk, as ``torch.utils.checkpoint`` did);
+- the key blocks (``KeyBlockAttention``, online softmax): every paper-equation and former-route test also with 2
+  queries per chunk and 3 keys per block (several blocks per chunk), ``gradcheck`` of the blocked backward,
+  the blocked Function = the whole-key-range one with usage, slots, a window and the additive term, and the
+  op trace: 11 products per (chunk, block), none wider than a block.
 
 Shapes: B = batch, H = heads, T = queries (the last T of the S keys), S = keys, N = slots, Dh = head dim.
 """
@@ -21,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from plugins.attention import build_attention, distance_bias, relative
 from plugins.attention.adaptive_span import log_of, soft_span_mask
-from plugins.attention.distance_bias import DistanceBiasAttention, position_rows
+from plugins.attention.distance_bias import DistanceBiasAttention, KeyBlockAttention, position_rows
 
 D, H = 16, 2
 
@@ -82,9 +86,25 @@ RELATIVE_CASES = {  # name: (options, T, S, window)
 }
 
 
+BLOCKS = {  # name: (QUERY_BLOCK, KEY_BLOCK): the whole key range of a chunk at once, or several key blocks
+    "unblocked": (distance_bias.QUERY_BLOCK, 0),
+    "key-blocks": (2, 3),
+}
+
+
+def use_blocks(monkeypatch, blocks: str) -> None:
+    query_block, key_block = BLOCKS[blocks]
+    monkeypatch.setattr(distance_bias, "QUERY_BLOCK", query_block)
+    monkeypatch.setattr(distance_bias, "KEY_BLOCK", key_block)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
 @pytest.mark.parametrize("budget", [0, 2 * 1 * 20, 2 * 3 * 20], ids=["one-pass", "chunks-of-1", "chunks-of-3"])
 @pytest.mark.parametrize("case", list(RELATIVE_CASES))
-def test_relative_route_is_the_papers_equation(case, budget):
+def test_relative_route_is_the_papers_equation(case, budget, blocks, monkeypatch):
+    """With ``key-blocks`` (2 queries per chunk, 3 keys per block): every chunk crosses several key blocks
+    (online softmax, the backward from the saved log-sum-exp)."""
+    use_blocks(monkeypatch, blocks)
     options, T, S, window = RELATIVE_CASES[case]
     torch.manual_seed(0)
     ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=budget, relative_route="explicit", **options)
@@ -102,9 +122,11 @@ def test_relative_route_is_the_papers_equation(case, budget):
         torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("blocks", list(BLOCKS))
 @pytest.mark.parametrize("persistent", [0, 2], ids=["no-slots", "slots"])
-def test_adaptive_span_route_is_the_papers_equation(persistent):
+def test_adaptive_span_route_is_the_papers_equation(persistent, blocks, monkeypatch):
     """s_tr = (q_t^T k_r + q_t^T p_(t-r)) / sqrt(Dh) + log m_z(t - r) over the window (inclusive), softmax."""
+    use_blocks(monkeypatch, blocks)
     torch.manual_seed(0)
     ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=2 * 3 * 16, max_span=10, span_ramp=3,
                          span_init=0.5, persistent_mem_size=persistent)  # fmt: skip
@@ -160,6 +182,51 @@ def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window,
     assert torch.autograd.gradcheck(f, (qc, qp, k, v, R, c, kp, vp))
 
 
+@pytest.mark.parametrize(
+    "heads_in_table, colbias, window, slots, block",
+    [(2, False, None, 0, 2), (1, True, 3, 0, 2), (2, True, None, 2, 3), (2, True, 4, 2, 2), (1, True, 5, 1, 4)],
+)
+def test_key_block_backward_passes_gradcheck(heads_in_table, colbias, window, slots, block):
+    """The same for the key-blocked Function (chunks of 2 queries, blocks of 2 to 4 of the 9 keys): its backward
+    starts from the saved log-sum-exp, not from weights recomputed by a softmax."""
+    torch.manual_seed(0)
+    B, T, S, Dh, chunk = 2, 5, 9, 3, 2
+
+    def rand(*shape):
+        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+    top, rows = position_rows(S, T, chunk)
+    qc, qp = rand(B, H, T, Dh), rand(B, H, T, Dh)
+    k, v = rand(B, H, S, Dh), rand(B, H, S, Dh)
+    R = rand(heads_in_table, rows, Dh)
+    c = rand(H, rows) if colbias else None
+    kp, vp = (rand(B, H, slots, Dh), rand(B, H, slots, Dh)) if slots else (None, None)
+
+    def f(*args):
+        return KeyBlockAttention.apply(*args, top, window, chunk, False, block)[0]
+
+    assert torch.autograd.gradcheck(f, (qc, qp, k, v, R, c, kp, vp))
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_key_blocks_equal_the_whole_key_range_with_usage(window):
+    """Outputs, the attention each key received (most_used compression: a second pass with the final
+    log-sum-exp) and every gradient of the key-blocked Function equal ``DistanceBiasAttention``'s (float64)."""
+    torch.manual_seed(0)
+    B, T, S, Dh, chunk, block = 2, 11, 23, 3, 3, 4
+    top, rows = position_rows(S, T, chunk)
+    inputs = [torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+              for shape in [(B, H, T, Dh)] * 2 + [(B, H, S, Dh)] * 2 + [(H, rows, Dh), (H, rows)]]  # fmt: skip
+    slots = [torch.randn(B, H, 2, Dh, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    args = (*inputs, *slots, top, window, chunk, True)
+    out, received = KeyBlockAttention.apply(*args, block)
+    ref, ref_received = DistanceBiasAttention.apply(*args, 0.0)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(received, ref_received, rtol=1e-12, atol=1e-12)
+    for g, g_ref in zip(gradients(out, inputs + slots), gradients(ref, inputs + slots)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
+
+
 class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -167,14 +234,43 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        if self.ops[-1] in PRODUCTS:
+            self.largest = max(getattr(self, "largest", 0), max(a.size(-1) for a in (*args, out) if torch.is_tensor(a)))
+        return out
 
 
-def test_the_route_uses_no_gather_mask_or_recomputed_chunk():
-    """Forward + backward of relative attention in 4 chunks: no gather/scatter/masked_fill over C x S, and
-    the score matrix products: 3 per chunk forward (content, position, values), 8 backward (content and
-    position recomputed, then dV, dP, dqc, dk, dqp, dR). The former route (checkpointed chunks through autograd)
-    gathered the shift, masked a C x S tensor and recomputed whole chunks: 12 products per chunk."""
+PRODUCTS = ("bmm", "matmul", "baddbmm", "baddbmm_")
+
+
+def test_key_blocks_bound_every_product_and_count_eleven_per_block(monkeypatch):
+    """Chunks of 8 queries over 32 keys in blocks of 8 keys: chunk i sees i + 1 blocks (10 pairs), each with
+    3 products forward and 8 backward (the same 11 as a whole chunk, now per block), and no operand or result
+    of a product is wider than a block's C + Kb - 1 position columns (the former code multiplied a chunk's
+    C x (L + C - 1) position scores over all its L keys: 39 columns for the last chunk)."""
+    monkeypatch.setattr(distance_bias, "KEY_BLOCK", 8)
+    torch.manual_seed(0)
+    T = 32
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=H * 8 * 8, relative_route="explicit")
+    attn = build_attention("relative", D, H, 0.0, ns).train()
+    q = torch.randn(1, H, T, D // H, requires_grad=True)
+    k, v = (torch.randn(1, H, T, D // H, requires_grad=True) for _ in range(2))
+    with OpCounter() as counter:
+        out, _ = attn.relative_attention(q, k, v)
+        out.square().sum().backward()
+    assert not {"gather", "scatter", "scatter_add", "masked_fill", "masked_fill_"} & set(counter.ops)
+    products = [op for op in counter.ops if op in PRODUCTS]
+    assert len(products) == 11 * (1 + 2 + 3 + 4), counter.ops
+    assert counter.largest <= 8 + 8 - 1
+
+
+def test_the_route_uses_no_gather_mask_or_recomputed_chunk(monkeypatch):
+    """Forward + backward of relative attention in 4 chunks, the whole key range of a chunk at once
+    (``KEY_BLOCK`` 0, the path dropout takes): no gather/scatter/masked_fill over C x S, and the score matrix
+    products: 3 per chunk forward (content, position, values), 8 backward (content and position recomputed,
+    then dV, dP, dqc, dk, dqp, dR). The former route (checkpointed chunks through autograd) gathered the shift,
+    masked a C x S tensor and recomputed whole chunks: 12 products per chunk."""
+    monkeypatch.setattr(distance_bias, "KEY_BLOCK", 0)
     torch.manual_seed(0)
     T = 32
     ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=H * 8 * T, relative_route="explicit")
@@ -186,7 +282,7 @@ def test_the_route_uses_no_gather_mask_or_recomputed_chunk():
         out.square().sum().backward()
     assert not {"gather", "scatter", "scatter_add", "masked_fill", "masked_fill_"} & set(counter.ops)
     chunks = 4
-    products = [op for op in counter.ops if op in ("bmm", "matmul", "baddbmm")]
+    products = [op for op in counter.ops if op in PRODUCTS]
     assert len(products) == 11 * chunks, counter.ops
 
 
@@ -214,11 +310,14 @@ FORMER_ROUTE_CASES = {  # name: (attention, options, segment lengths, keep)
 }
 
 
+@pytest.mark.parametrize("blocks", list(BLOCKS))
 @pytest.mark.parametrize("case", list(FORMER_ROUTE_CASES))
-def test_the_route_equals_the_former_route_in_float32(case, monkeypatch):
+def test_the_route_equals_the_former_route_in_float32(case, blocks, monkeypatch):
     """The former route (a gather, a float mask, SDPA, checkpointed chunks: what bf16 and autocast still take)
     and this one give the same outputs and gradients to 1e-5 in float32, over segments with memory."""
     from plugins.attention import adaptive_span
+
+    use_blocks(monkeypatch, blocks)
     from tests.test_long_context import run
 
     name, options, lengths, keep = FORMER_ROUTE_CASES[case]

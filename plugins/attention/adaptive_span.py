@@ -47,7 +47,7 @@ position embedding p_x; the key sets differ by one position, so the outputs diff
 The queries are processed in chunks over only the keys their windows reach. The inclusive window (float32,
 float64; in query chunks or from ``distance_bias.MIN_SCORE_ELEMENTS`` scores per sequence, below which the
 former route measured faster) goes through ``distance_bias.py``, Transformer-XL's explicit route: p_x and log m_z(x) are tables by
-distance, the scores by distance are one product per chunk, shifted to keys by a strided view, the window and
+distance, the scores by distance are one product per (query chunk, key block), shifted to keys by a strided view, the window and
 causal masks are -inf column blocks, and the backward pass is written by hand. The official window (and bf16
 or autocast) keeps the former route: a gather, a masked fill, chunks beyond ``--score-chunk-elements``
 recomputed in the backward pass when training (``chunking.py``). Both are the same function, in memory
@@ -74,7 +74,7 @@ from ..errors import UserError
 from ..memory import HiddenMemory
 from .base import Attention, AttentionConfig, AuxLoss, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
-from .distance_bias import distance_bias_applies, distance_bias_attention, position_rows
+from .distance_bias import distance_bias_applies, distance_bias_attention, position_rows, route_chunk
 from .persistent import PersistentMemoryConfig
 
 logger = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ class AdaptiveSpanAttention(Attention):
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S_k + N, self.cfg.score_chunk_elements)
         if not official and distance_bias_applies(q, S_k + N, chunk):
-            out = self.distance_bias_route(q, k, v, W, chunk)  # B x H x T x Dh
+            out = self.distance_bias_route(q, k, v, W)  # B x H x T x Dh
             return self.out_proj(self.merge_heads(out)), new_mem
         if chunk >= T:  # one pass
             out = self.attend(q, k, v, S_k - T, W, official)  # B x H x T x Dh
@@ -286,12 +286,15 @@ class AdaptiveSpanAttention(Attention):
             outs.append(run_chunk(self.attend_chunk, q, k, v, t0, t1, lo, hi, W, official))
         return self.out_proj(self.merge_heads(cat_queries(outs))), new_mem
 
-    def distance_bias_route(self, q: Tensor, k: Tensor, v: Tensor, W: int, chunk: int) -> Tensor:
+    def distance_bias_route(self, q: Tensor, k: Tensor, v: Tensor, W: int) -> Tensor:
         """The inclusive window by ``distance_bias.py``: position keys p_x and log m_z(x) as tables by distance
         (S_k - 1 .. -(C-1); zero rows beyond the window and for negative distances, which are masked), the
         shift as a strided view, a hand-written backward: B x H x T x Dh."""
         B, H, T, _ = q.shape
         S_k = k.size(2)
+        p = self.dropout if self.training else 0.0
+        N = 0 if self.persistent is None else self.persistent.size
+        chunk = route_chunk(H, T, S_k, N, self.cfg.score_chunk_elements, p)  # sized for key blocks
         top, rows = position_rows(S_k, T, chunk)
         n = min(W, S_k)  # distances 0 .. n-1 are in the window and among the keys
         pad = (S_k - n, rows - S_k)  # rows before distance n-1, rows after distance 0
@@ -302,7 +305,6 @@ class AdaptiveSpanAttention(Attention):
         if self.persistent is not None:  # joint softmax with the slots (never masked, no position)
             kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
         qs = q * self.scale  # B x H x T x Dh: the content and the position query
-        p = self.dropout if self.training else 0.0
         out, _ = distance_bias_attention(qs, qs, k, v, table, top, chunk, W, colbias, kp, vp, dropout=p)
         return out
 

@@ -14,9 +14,10 @@ backward recomputes the chunk (one more forward of the attention core, as in mem
 Rabe & Staats 2021, arXiv 2112.05682), so the training step also peaks at O(C x S). Dropout draws the
 same mask in the recomputation (the RNG state is restored).
 
-Relative attention and adaptive span's inclusive window (float32, float64, above a size) use these chunk sizes but not
-the checkpoint: ``distance_bias.py`` recomputes each chunk in its own hand-written backward pass, which needs
-neither autograd's graph of the chunk nor a second forward of its values product.
+Relative attention and adaptive span's inclusive window (float32, float64, above a size) use neither these chunk
+sizes nor the checkpoint: ``distance_bias.py`` takes the keys in blocks as well (its chunks are sized for one
+block, ``route_chunk``) and recomputes each block in its own hand-written backward pass, which needs neither
+autograd's graph of the chunk nor a second forward of its values product.
 
 C is chosen so that one sequence's H x C x S score tensor holds at most ``--score-chunk-elements``;
 inputs under that budget run in one pass, the code path of an unchunked attention.

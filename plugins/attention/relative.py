@@ -21,11 +21,13 @@ Two routes compute the same function (``--relative-route``; tests/test_relative_
   clamped distance is not a rotation), nor where the attention weights are needed (``most_used``
   compression, analysis): those calls take the explicit route;
 - explicit (``distance_bias.py``): the position keys W_R r_d are computed once per distance (S + C - 1 rows,
-  not T x S x D); per chunk of C queries one C x (L + C - 1) product gives the position scores by distance,
+  not T x S x D); per chunk of C queries and block of Kb keys (flash-style, online softmax; dropout: the
+  chunk's whole key range L) one C x (Kb + C - 1) product gives the position scores by distance,
   the masks are -inf column blocks in that matrix (negative distances, and distances >= the
   ``--same-length`` window), and the paper's "relative shift" (App. B) is a zero-copy strided view of it,
-  added to the content scores; the backward pass is written by hand (the chunk's weights recomputed,
-  nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per chunk. In float32 and
+  added to the content scores; the backward pass is written by hand (the block's weights recomputed from the
+  saved log-sum-exp, nothing of C x S size stored): memory linear in the keys, 3 + 8 matrix products per
+  (chunk, block). In float32 and
   float64 outside autocast, for calls in query chunks or with at least ``MIN_SCORE_ELEMENTS`` (2^17) scores
   per sequence; otherwise (bf16, autocast, short segments, where it measured faster) the former route: a
   gather for the shift, a float mask, and checkpointed chunks (``chunking.py``), the same function.
@@ -52,7 +54,7 @@ from ..memory import HiddenMemory
 from ..modules.positional import SinusoidalPositions
 from .base import Attention, AttentionConfig, causal_mask, register_attention
 from .chunking import ChunkedScoresConfig, cat_queries, check_chunk_config, chunk_bounds, query_chunk_size, run_chunk
-from .distance_bias import distance_bias_applies, distance_bias_attention, key_range, position_rows
+from .distance_bias import distance_bias_applies, distance_bias_attention, key_range, position_rows, route_chunk
 from .persistent import PersistentMemoryConfig
 from .relative_sinusoid import sinusoid_relative_attention
 
@@ -181,12 +183,15 @@ class RelativeAttention(Attention):
         return r.view(distance.numel(), self.num_heads, self.head_dim).transpose(0, 1)  # H x (S + negative) x Dh
 
     def distance_bias_route(
-        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int], chunk: int, need_usage: bool
+        self, q: Tensor, k: Tensor, v: Tensor, window: Optional[int], need_usage: bool
     ) -> Tuple[Tensor, Optional[Tensor]]:
         """``relative_attention`` by ``distance_bias.py``: (q + u) and (q + v) scaled, the position keys of
         distances S-1 .. -(C-1) (H x (S + C - 1) x Dh), the shift as a strided view, a hand-written backward."""
         B, H, T, _ = q.shape
         S = k.size(2)
+        p = self.dropout if self.training else 0.0
+        N = 0 if self.persistent is None else self.persistent.size
+        chunk = route_chunk(H, T, S, N, self.cfg.score_chunk_elements, p)  # sized for key blocks
         top, rows = position_rows(S, T, chunk)
         r = self.position_keys(S, q, rows - S).contiguous()  # H x E x Dh, row e = distance S-1-e
         kp = vp = None
@@ -194,7 +199,6 @@ class RelativeAttention(Attention):
             kp, vp = (t.unsqueeze(0).expand(B, -1, -1, -1) for t in self.persistent.keys_values(q.dtype))
         qc = (q + self.u[:, None]) * self.scale  # B x H x T x Dh
         qp = (q + self.v[:, None]) * self.scale
-        p = self.dropout if self.training else 0.0
         return distance_bias_attention(qc, qp, k, v, r, top, chunk, window, kp=kp, vp=vp, usage=need_usage, dropout=p)
 
     def score_bias(self, q: Tensor, num_keys: int, window: Optional[int] = None, r: Optional[Tensor] = None) -> Tensor:
@@ -233,7 +237,7 @@ class RelativeAttention(Attention):
         N = 0 if self.persistent is None else self.persistent.size
         chunk = query_chunk_size(H, T, S + N, self.cfg.score_chunk_elements)
         if not need_weights and distance_bias_applies(q, S + N, chunk):
-            return self.distance_bias_route(q, k, v, window, chunk, need_usage)
+            return self.distance_bias_route(q, k, v, window, need_usage)
         if need_weights or chunk >= T:
             out, weights = self.attend_keys(q, k, v, self.score_bias(q, S, window), need_weights or need_usage)
             if need_usage:

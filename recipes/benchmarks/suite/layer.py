@@ -4,6 +4,11 @@ Every registered attention runs with its default options and with the variants l
 (the options that change its cost: sparse patterns, LSH hashes, feature maps, spans, ...). Public
 implementations of the same mechanisms run in the same suite when installed (``peers``). Shapes: one
 sequence (B = 1) of N positions, model dim D, H heads, float32 on CPU (bf16 autocast available on CUDA).
+
+The memory variants (label ``MEMORY_LABEL``, issue 18's "T = M = N/2 with memory"): the layer's forward gets
+the first N/2 positions as its memory (``HiddenMemory``, detached as in Transformer-XL) and the last N/2 as the
+segment: N/2 queries over N keys. Their SDPA reference is ``full`` with the same memory (SDPA over the same N
+keys, N/2 queries, causal with the memory as a visible prefix), not ``full`` at N (twice the queries).
 """
 
 import math
@@ -44,10 +49,19 @@ VARIANTS: Dict[str, List[Tuple[str, Dict]]] = {
     "linear": [("elu", {"feature_map": "elu"}), ("favor", {"feature_map": "favor"})],
     # --relative-route auto (the explicit route: distance_bias.py, in query chunks) and fused (the sinusoid
     # identity, one SDPA call), paired in the same run
-    "relative": [("", {}), ("fused", {"relative_route": "fused"})],
+    # and the memory case (T = M = N/2)
+    "relative": [("", {}), ("fused", {"relative_route": "fused"}), ("memory T=M=N/2", {"memory_length": "N/2"})],
     # the default (--span-init 0: a short learned window) and the issue's full span (every head sees all N keys)
-    "adaptive_span": [("", {}), ("full span", {"span_init": 1.0, "max_span": "N"})],
+    "adaptive_span": [
+        ("", {}),
+        ("full span", {"span_init": 1.0, "max_span": "N"}),
+        ("full span, memory T=M=N/2", {"span_init": 1.0, "max_span": "N", "memory_length": "N/2"}),
+    ],
+    "compressive": [("", {}), ("memory T=M=N/2", {"memory_length": "N/2"})],
+    "full": [("", {}), ("memory T=M=N/2", {"memory_length": "N/2"})],  # the memory variants' SDPA reference
 }
+MEMORY_LABEL = "memory T=M=N/2"  # in the label of every memory variant
+MEMORY_OPTION = "memory_length"  # not a model option: the memory the forward is called with (``build_ours``)
 
 
 def sqrt_stride(n: int) -> int:
@@ -59,6 +73,7 @@ LENGTH_DEPENDENT = {  # option values that depend on the length N
     "sqrt N": sqrt_stride,
     "8, <= sqrt N / 2": lambda n: min(8, sqrt_stride(n) // 2),  # two summary blocks of c fit in the stride
     "N": lambda n: n,
+    "N/2": lambda n: n // 2,
 }
 
 
@@ -95,14 +110,26 @@ def build_attention_module(spec: Dict):
     cfg.attention, cfg.decoder_embed_dim, cfg.decoder_attention_heads = spec["attention"], spec["D"], spec["H"]
     cfg.tokens_per_sample = cfg.max_target_positions = spec["N"]
     for name, value in spec["options"].items():
-        setattr(cfg, name, value)
+        if name != MEMORY_OPTION:
+            setattr(cfg, name, value)
     validate_config(cfg)  # an invalid variant fails here, with its message in the row
     return build_attention(cfg.attention, spec["D"], spec["H"], 0.0, cfg).to(spec["device"])
 
 
 def build_ours(spec: Dict) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The layer's forward on x (B x N x D); with ``MEMORY_OPTION`` M, the first M positions of x are the
+    memory (detached) and the last N - M the segment: B x (N - M) x D."""
+    from plugins.memory import HiddenMemory
+
     attn = build_attention_module(spec)
-    return lambda x: attn(x, None, 0)[0]
+    M = spec["options"].get(MEMORY_OPTION, 0)
+    if not M:
+        return lambda x: attn(x, None, 0)[0]
+    if spec["attention"] == "compressive":
+        from plugins.attention.compressive import CompressiveMemory
+
+        return lambda x: attn(x[:, M:], CompressiveMemory(x[:, :M].detach()), M)[0]
+    return lambda x: attn(x[:, M:], HiddenMemory(x[:, :M].detach()), M)[0]
 
 
 def measure(spec: Dict, forward: Callable[[torch.Tensor], torch.Tensor], repeats: int) -> Dict:
@@ -132,12 +159,13 @@ def measure(spec: Dict, forward: Callable[[torch.Tensor], torch.Tensor], repeats
 
 
 def add_ratios(rows: List[Dict]) -> None:
-    """ratio_sdpa: time and memory over ``full`` (PyTorch SDPA) at the same N; ratio_peer: time over the
+    """ratio_sdpa: time and memory over ``full`` (PyTorch SDPA) at the same N (the memory variants: over ``full``
+    with the same memory, N/2 queries over N keys); ratio_peer: time over the
     fastest installed public implementation of the same function at the same N (``Peer.same_function``)."""
     ok = [r for r in rows if r["status"] == "ok"]
-    sdpa = {r["N"]: r for r in ok if r.get("attention") == "full" and not r.get("label")}
+    sdpa = {(r["N"], r.get("label", "")): r for r in ok if r.get("attention") == "full"}
     for r in ok:
-        ref = sdpa.get(r["N"])
+        ref = sdpa.get((r["N"], MEMORY_LABEL if MEMORY_LABEL in r.get("label", "") else ""))  # memory: full's memory
         if ref:
             r["time_vs_sdpa"] = r["time_ms"] / ref["time_ms"]
             r["mem_vs_sdpa"] = r["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else None
