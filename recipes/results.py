@@ -12,12 +12,16 @@ and so are ``--log-format json`` lines (what ``slurm.launch`` runs write), e.g.:
     ... | INFO | train_inner | {"epoch": 1, "loss": "4.665", "bpb": "4.6647", "wps": "1181.5", "num_updates": "15", "wall": "7"}
     ... | INFO | valid | {"epoch": 1, "valid_loss": "4.913", "valid_bpb": "4.913", "valid_num_updates": "10"}
 
-A log that was resumed repeats the updates done after the last checkpoint; the later entry is kept.
+A log that was resumed repeats the updates done after the last checkpoint; the later entry is kept. Its
+``wall`` continues across the restart since ``plugins/wall_clock.py``; in a log written before it, fairseq
+logged ``wall`` 0 after every resume, and the wall time of those lines is rebuilt from the lines' timestamps
+(``continuous_wall``).
 """
 
 import json
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -75,12 +79,41 @@ def _last_per_update(rows: List[Dict[str, float]]) -> List[Dict[str, float]]:
     return [by_update[k] for k in sorted(by_update)]
 
 
+_TIMESTAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \|")
+
+
+def continuous_wall(rows: List[Dict[str, float]]) -> None:
+    """Rebuild ``wall`` after a restart that set it back (in place; rows in log order, before de-duplication).
+
+    A resumed run repeats the updates after its checkpoint, so its first line's wall should be at least the wall
+    logged before it at an earlier update. fairseq 0.12.3 without ``plugins/wall_clock.py`` logs 0 instead on
+    every line after a resume: such a line gets the wall at the last earlier update, plus the training time
+    of its own interval (``train_wall``) for the first line, plus the time since that first line (from the
+    lines' timestamps, ``_time``) for the next ones. The time between the kill and the restart is not counted."""
+    segment_base = segment_start = None
+    for i, row in enumerate(rows):
+        if "wall" not in row:
+            continue
+        earlier = [r for r in rows[:i] if "wall" in r and r.get("num_updates", 0) < row.get("num_updates", 0)]
+        base = earlier[-1]["wall"] if earlier else 0.0
+        if i and "wall" in rows[i - 1] and row["wall"] < rows[i - 1]["wall"] and row["wall"] < base:
+            segment_base, segment_start = base + row.get("train_wall", 0.0), row.get("_time")  # a reset: rebuild
+        if segment_base is not None:
+            if row["wall"] == 0 and segment_start is not None and "_time" in row:
+                row["wall"] = segment_base + row["_time"] - segment_start
+            else:  # a wall that restarted from 0 but counts (no timestamps needed)
+                row["wall"] = segment_base + row["wall"]
+
+
 def parse_log(path, name: Optional[str] = None) -> RunLog:
     run = RunLog(name or Path(path).stem)
     for line in Path(path).read_text(errors="replace").splitlines():
         json_line = _JSON_LINE.search(line)
         if json_line and json_line.group(1) == "train_inner":
             run.train.append(_json_stats(json_line.group(2)))
+            stamp = _TIMESTAMP.match(line)
+            if stamp:
+                run.train[-1]["_time"] = datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
         elif json_line and json_line.group(1) == "valid":
             run.valid.append(_json_stats(json_line.group(2), prefix="valid_"))
         elif "| train_inner |" in line:
@@ -91,6 +124,7 @@ def parse_log(path, name: Optional[str] = None) -> RunLog:
             run.params = int(re.search(r"params: ([\d,]+)", line).group(1).replace(",", ""))
         elif "Loss (base 2):" in line:
             run.eval_loss = float(re.search(rf"Loss \(base 2\): ({_NUMBER})", line).group(1))
+    continuous_wall(run.train)
     run.train, run.valid = _last_per_update(run.train), _last_per_update(run.valid)
     return run
 

@@ -352,3 +352,15 @@ def test_another_model_is_refused_with_one_line(byte_corpus, tmp_path):
     assert proc.returncode == 0, out(proc)[-3000:]
     warnings = [line for line in out(proc).splitlines() if "holds another model" in line]
     assert len(warnings) == 1 and "loading its weights into the model asked for" in warnings[0], warnings
+
+
+def test_the_wall_clock_continues_after_a_resume(byte_corpus, stopped_at_10, tmp_path):
+    """fairseq saves its ``wall`` stopwatch without the running time and loads it stopped, so a resumed run
+    logs ``wall=0`` on every line (``plugins/wall_clock.py``). The checkpoint now holds how long the clock had
+    run, and the resumed run's wall goes on from there."""
+    saved = load_checkpoint_safely(str(stopped_at_10 / "checkpoint_last.pt"))["extra_state"]["metrics"]
+    running = [state.get("running_s", 0.0) for _, key, _, state in saved["default"] if key == "wall"]
+    assert len(running) == 1 and running[0] >= 1.0, saved["default"]
+    proc, _, _ = _resume_with(byte_corpus, stopped_at_10, tmp_path, max_update=14)
+    walls = [int(w) for w in re.findall(r"\| train_inner \|.*, wall=(\d+)", out(proc))]
+    assert len(walls) == 4 and min(walls) >= int(running[0]), (running, walls)

@@ -467,3 +467,38 @@ def test_report_curves_are_the_cross_entropy_and_labels_name_what_differs():
     ]  # fmt: skip
     same = [SimpleNamespace(swept={"lr": 0.1}, label="x/lr=0.1"), SimpleNamespace(swept={"lr": 0.1}, label="y/lr=0.1")]
     assert report.figure_labels(same) == ["x/lr=0.1", "y/lr=0.1"]
+
+
+# -- wall time of resumed runs in the report --------------------------------------------------------------------
+def _train_line(stamp: str, update: int, wall: int, train_wall: int = 10) -> str:
+    stats = {"loss": "5.0", "num_updates": str(update), "train_wall": str(train_wall), "wall": str(wall)}
+    return f"2026-12-05 {stamp} | INFO | train_inner | {json.dumps(stats)}"
+
+
+def test_report_rebuilds_the_wall_time_fairseq_logged_as_zero_after_a_resume(tmp_path):
+    """fairseq 0.12.3 logged wall 0 on every line after a resume (before plugins/wall_clock.py): the report
+    continues from the wall at the checkpoint, adding the interval's training time and the timestamps' gaps."""
+    from recipes import results
+
+    log = tmp_path / "train.log"
+    log.write_text("\n".join([
+        _train_line("10:00:10", 50, 10), _train_line("10:00:20", 100, 20), _train_line("10:00:30", 150, 30),
+        # killed after update 150; the checkpoint was at 100; restarted an hour later
+        _train_line("11:00:12", 150, 0), _train_line("11:00:22", 200, 0), _train_line("11:00:32", 250, 0),
+    ]) + "\n")  # fmt: skip
+    walls = {int(r["num_updates"]): r["wall"] for r in results.parse_log(log).train}
+    assert walls == {50: 10, 100: 20, 150: 30, 200: 40, 250: 50}
+
+
+def test_report_keeps_the_wall_time_of_a_resume_that_continued_it(tmp_path):
+    """With plugins/wall_clock.py the resumed run's wall goes on from the checkpoint's (here 20 at update 100),
+    below the 30 logged before the kill at update 150: nothing is rebuilt."""
+    from recipes import results
+
+    log = tmp_path / "train.log"
+    log.write_text("\n".join([
+        _train_line("10:00:10", 50, 10), _train_line("10:00:20", 100, 20), _train_line("10:00:30", 150, 30),
+        _train_line("11:00:12", 150, 25), _train_line("11:00:22", 200, 35),
+    ]) + "\n")  # fmt: skip
+    walls = {int(r["num_updates"]): r["wall"] for r in results.parse_log(log).train}
+    assert walls == {50: 10, 100: 20, 150: 25, 200: 35}
