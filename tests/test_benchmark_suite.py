@@ -71,8 +71,8 @@ def test_training_repeats_replace_the_levels_repeats():
 
     assert run.parse_args(["--quick"]).training_repeats is None
     assert run.parse_args(["--quick", "--only", "training", "--training-repeats", "5"]).training_repeats == 5
-    assert [training.sizes(case, 1)["repeats"] for case in training.CASES] == [1, 1]
-    assert [training.sizes(case, 1, 5)["repeats"] for case in training.CASES] == [5, 5]
+    assert [training.sizes(case, 1)["repeats"] for case in training.CASES] == [1, 1, 1]
+    assert [training.sizes(case, 1, 5)["repeats"] for case in training.CASES] == [5, 5, 5]
     assert training.sizes("fairseq", 0, 5) == {**training.sizes("fairseq", 0), "repeats": 5}
     for bad in ("0", "-2", "two", "2,3"):
         with pytest.raises(SystemExit):
@@ -115,6 +115,17 @@ def test_training_section_times_real_fairseq_train_runs(tmp_path):
     ours, theirs = rows
     assert ours["params"] == theirs["params"] and theirs["vs_reference"] == 1.0 and ours["vs_reference"] > 0
     assert "## Training tokens/s" in (run_dir / "summary.md").read_text()
+
+
+def test_training_section_linear_case_pairs_linear_tiny_with_full_tiny(tmp_path):
+    """``--training-cases linear`` (smoke sizes): linear_tiny against full_tiny, both real ``fairseq-train``
+    runs at the same segment length and size, full_tiny the reference."""
+    run_dir = run.main(["--smoke", "--only", "training", "--training-cases", "linear", "--out", str(tmp_path)])
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["status"]) for r in rows] == [("full_tiny", "ok"), ("linear_tiny", "ok")], rows
+    full, linear = rows
+    assert full["segment"] == linear["segment"] and full["params"] == linear["params"]
+    assert full["vs_reference"] == 1.0 and linear["vs_reference"] > 0 and "--arch linear_tiny" in linear["command"]
 
 
 def test_a_refused_allocation_is_an_oom_row():

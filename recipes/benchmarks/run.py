@@ -10,7 +10,8 @@ peers installed by ``recipes/benchmarks/install_peers.sh``), ``generation`` (fai
 token vs position), ``mechanisms`` (each mechanism against its own alternative: adaptive span's trimming,
 compressive vs XL memory over the same past, linear attention's decoding and backward, reversible LSH
 models vs depth; ``--mechanism-cases``), ``training`` (``fairseq-train`` tokens/s: ours vs fairseq's
-``transformer_lm``, ``xl_small`` vs ``full_small`` with memory 0 / T / 2T; ``--training-cases``),
+``transformer_lm``, ``xl_small`` vs ``full_small`` with memory 0 / T / 2T, ``linear_tiny`` vs ``full_tiny`` at
+4,096-token segments; ``--training-cases``),
 ``evaluation`` (``fairseq-eval-lm`` with memory vs stride-1 sliding windows), ``quality`` (every ``*_tiny``
 preset at ``full_tiny``'s size trained on the same tokens of real data), ``gpu`` (bf16 MFU of
 ``xl_enwik8_base`` / ``full_enwik8`` at their paper segment length; CUDA only). Every case runs in its own
@@ -125,7 +126,8 @@ def parse_args(argv=None):
     g.add_argument(
         "--training-cases", type=_names(training.CASES), default=list(training.CASES),
         help="comparisons of the training section: fairseq (efficient_lm full vs fairseq transformer_lm), "
-             "xl (xl_small with memory 0, T, 2T vs full_small) (default: both)",
+             "xl (xl_small with memory 0, T, 2T vs full_small), linear (linear_tiny vs full_tiny at 4,096-token "
+             "segments) (default: all)",
     )  # fmt: skip
     g.add_argument(
         "--training-repeats", type=_positive_int,
