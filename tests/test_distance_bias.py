@@ -155,15 +155,11 @@ def test_adaptive_span_route_is_the_papers_equation(persistent, blocks, monkeypa
         torch.testing.assert_close(g, g_ref, rtol=1e-11, atol=1e-11)
 
 
-@pytest.mark.parametrize(
-    "heads_in_table, colbias, window, slots, dropout",
-    [(2, False, None, 0, 0.0), (1, True, 3, 0, 0.0), (2, True, None, 2, 0.0), (2, True, 4, 2, 0.3)],
-)
-def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window, slots, dropout):
-    """Finite differences of the output against the backward pass (with dropout: the same masks, redrawn
-    from the RNG state saved by the forward)."""
+def gradcheck_inputs(T: int, S: int, chunk: int, heads_in_table: int, colbias: bool, slots: int):
+    """float64 inputs of the Functions (qc, qp, k, v, R, colbias, kp, vp; B 2, Dh 3), all requiring a gradient,
+    and the distance of R's first row."""
     torch.manual_seed(0)
-    B, T, S, Dh, chunk = 2, 5, 7, 3, 2
+    B, Dh = 2, 3
 
     def rand(*shape):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
@@ -174,12 +170,24 @@ def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window,
     R = rand(heads_in_table, rows, Dh)
     c = rand(H, rows) if colbias else None
     kp, vp = (rand(B, H, slots, Dh), rand(B, H, slots, Dh)) if slots else (None, None)
+    return top, (qc, qp, k, v, R, c, kp, vp)
+
+
+@pytest.mark.parametrize(
+    "heads_in_table, colbias, window, slots, dropout",
+    [(2, False, None, 0, 0.0), (1, True, 3, 0, 0.0), (2, True, None, 2, 0.0), (2, True, 4, 2, 0.3)],
+)
+def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window, slots, dropout):
+    """Finite differences of the output against the backward pass (with dropout: the same masks, redrawn
+    from the RNG state saved by the forward)."""
+    chunk = 2
+    top, inputs = gradcheck_inputs(T=5, S=7, chunk=chunk, heads_in_table=heads_in_table, colbias=colbias, slots=slots)
 
     def f(*args):
         torch.manual_seed(1)  # the same dropout masks at every evaluation
         return DistanceBiasAttention.apply(*args, top, window, chunk, False, dropout)[0]
 
-    assert torch.autograd.gradcheck(f, (qc, qp, k, v, R, c, kp, vp))
+    assert torch.autograd.gradcheck(f, inputs)
 
 
 @pytest.mark.parametrize(
@@ -189,23 +197,13 @@ def test_hand_written_backward_passes_gradcheck(heads_in_table, colbias, window,
 def test_key_block_backward_passes_gradcheck(heads_in_table, colbias, window, slots, block):
     """The same for the key-blocked Function (chunks of 2 queries, blocks of 2 to 4 of the 9 keys): its backward
     starts from the saved log-sum-exp, not from weights recomputed by a softmax."""
-    torch.manual_seed(0)
-    B, T, S, Dh, chunk = 2, 5, 9, 3, 2
-
-    def rand(*shape):
-        return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
-
-    top, rows = position_rows(S, T, chunk)
-    qc, qp = rand(B, H, T, Dh), rand(B, H, T, Dh)
-    k, v = rand(B, H, S, Dh), rand(B, H, S, Dh)
-    R = rand(heads_in_table, rows, Dh)
-    c = rand(H, rows) if colbias else None
-    kp, vp = (rand(B, H, slots, Dh), rand(B, H, slots, Dh)) if slots else (None, None)
+    chunk = 2
+    top, inputs = gradcheck_inputs(T=5, S=9, chunk=chunk, heads_in_table=heads_in_table, colbias=colbias, slots=slots)
 
     def f(*args):
         return KeyBlockAttention.apply(*args, top, window, chunk, False, block)[0]
 
-    assert torch.autograd.gradcheck(f, (qc, qp, k, v, R, c, kp, vp))
+    assert torch.autograd.gradcheck(f, inputs)
 
 
 @pytest.mark.parametrize("window", [None, 4])
@@ -243,15 +241,11 @@ class OpCounter(TorchDispatchMode):
 PRODUCTS = ("bmm", "matmul", "baddbmm", "baddbmm_")
 
 
-def test_key_blocks_bound_every_product_and_count_eleven_per_block(monkeypatch):
-    """Chunks of 8 queries over 32 keys in blocks of 8 keys: chunk i sees i + 1 blocks (10 pairs), each with
-    3 products forward and 8 backward (the same 11 as a whole chunk, now per block), and no operand or result
-    of a product is wider than a block's C + Kb - 1 position columns (the former code multiplied a chunk's
-    C x (L + C - 1) position scores over all its L keys: 39 columns for the last chunk)."""
-    monkeypatch.setattr(distance_bias, "KEY_BLOCK", 8)
+def traced_layer_step(T: int, score_chunk_elements: int) -> "OpCounter":
+    """The aten ops of one relative attention layer's forward + backward on the explicit route, with no
+    gather, scatter or masked_fill among them (checked here)."""
     torch.manual_seed(0)
-    T = 32
-    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=H * 8 * 8, relative_route="explicit")
+    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=score_chunk_elements, relative_route="explicit")
     attn = build_attention("relative", D, H, 0.0, ns).train()
     q = torch.randn(1, H, T, D // H, requires_grad=True)
     k, v = (torch.randn(1, H, T, D // H, requires_grad=True) for _ in range(2))
@@ -259,6 +253,16 @@ def test_key_blocks_bound_every_product_and_count_eleven_per_block(monkeypatch):
         out, _ = attn.relative_attention(q, k, v)
         out.square().sum().backward()
     assert not {"gather", "scatter", "scatter_add", "masked_fill", "masked_fill_"} & set(counter.ops)
+    return counter
+
+
+def test_key_blocks_bound_every_product_and_count_eleven_per_block(monkeypatch):
+    """Chunks of 8 queries over 32 keys in blocks of 8 keys: chunk i sees i + 1 blocks (10 pairs), each with
+    3 products forward and 8 backward (the same 11 as a whole chunk, now per block), and no operand or result
+    of a product is wider than a block's C + Kb - 1 position columns (the former code multiplied a chunk's
+    C x (L + C - 1) position scores over all its L keys: 39 columns for the last chunk)."""
+    monkeypatch.setattr(distance_bias, "KEY_BLOCK", 8)
+    counter = traced_layer_step(T=32, score_chunk_elements=H * 8 * 8)
     products = [op for op in counter.ops if op in PRODUCTS]
     assert len(products) == 11 * (1 + 2 + 3 + 4), counter.ops
     assert counter.largest <= 8 + 8 - 1
@@ -271,16 +275,7 @@ def test_the_route_uses_no_gather_mask_or_recomputed_chunk(monkeypatch):
     then dV, dP, dqc, dk, dqp, dR). The former route (checkpointed chunks through autograd) gathered the shift,
     masked a C x S tensor and recomputed whole chunks: 12 products per chunk."""
     monkeypatch.setattr(distance_bias, "KEY_BLOCK", 0)
-    torch.manual_seed(0)
-    T = 32
-    ns = SimpleNamespace(pos_emb="relative", score_chunk_elements=H * 8 * T, relative_route="explicit")
-    attn = build_attention("relative", D, H, 0.0, ns).train()
-    q = torch.randn(1, H, T, D // H, requires_grad=True)
-    k, v = (torch.randn(1, H, T, D // H, requires_grad=True) for _ in range(2))
-    with OpCounter() as counter:
-        out, _ = attn.relative_attention(q, k, v)
-        out.square().sum().backward()
-    assert not {"gather", "scatter", "scatter_add", "masked_fill", "masked_fill_"} & set(counter.ops)
+    counter = traced_layer_step(T=32, score_chunk_elements=H * 8 * 32)
     chunks = 4
     products = [op for op in counter.ops if op in PRODUCTS]
     assert len(products) == 11 * chunks, counter.ops
