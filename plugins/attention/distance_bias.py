@@ -68,6 +68,7 @@ C = queries per chunk, L = keys of a chunk, Kb = keys per block, Lb = keys of a 
 G = heads of the position table (H or 1), E = rows of the position table.
 """
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -236,10 +237,7 @@ class Workspace:
         self.buffers = [like.new_empty(n) for n in sizes]
 
     def view(self, index: int, *shape: int) -> Tensor:
-        n = 1
-        for size in shape:
-            n *= size
-        return self.buffers[index][:n].view(shape)
+        return self.buffers[index][: math.prod(shape)].view(shape)
 
 
 def block_scores(qc_c, qp_c, keys, R, colbias, top: int, window: Optional[int], hi: int, j0: int, j1: int,
@@ -465,7 +463,7 @@ def distance_bias_inference(
     for backward), in chunks of at most ``INFERENCE_QUERY_BLOCK`` queries, and with the position scores of a
     chunk multiplied only for the distances its queries see: of the C x (L + C - 1) matrix P, the columns of
     distances min(L, window) - 1 .. 0; the others (negative distances, distances >= window) are filled with
-    -inf without a product. The training path (``DistanceBiasAttention``) is left as it is."""
+    -inf without a product. The training paths (``KeyBlockAttention``, ``DistanceBiasAttention``) are separate."""
     B, H, T, Dh = qc.shape
     S = k.size(2)
     chunk = min(chunk, INFERENCE_QUERY_BLOCK)
