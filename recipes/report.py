@@ -11,7 +11,7 @@ Reads every run directory below the given one (``train.log`` in fairseq's JSON l
   tokens/s, training time. The metric is named by the data's unit, as the criterion logs it: ``bpb``
   (bytes), ``bpc`` (characters) = the base-2 loss; ``ppl`` (words, subwords) = 2^loss;
 - ``loss_vs_updates.png`` and ``loss_vs_wall.png``: train and valid loss (bits per token) of every
-  run, one colour per run labelled by the values its sweep varied, one panel per dataset side by side.
+  run, one colour per run labelled by the values its sweep varied, one panel per dataset, stacked.
 """
 
 import argparse
@@ -113,8 +113,9 @@ def plot(runs: List[RunResult], png: Path, x: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     datasets = sorted({run.dataset for run in runs})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(11 * len(datasets), 4.8), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
+    # one panel per dataset, stacked (each keeps the width of a single-dataset figure and its legend on the right)
+    fig, axes = plt.subplots(len(datasets), 1, figsize=(11, 4.8 * len(datasets)), squeeze=False)
+    for ax, dataset in zip(axes[:, 0], datasets):
         group = [run for run in runs if run.dataset == dataset]
         results.draw_curves(ax, [run.log for run in group], x=x, labels=figure_labels(group))
         metric = group[0].metric
