@@ -17,6 +17,7 @@ Reads every run directory below the given one (``train.log`` in fairseq's JSON l
 import argparse
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,9 +51,14 @@ class RunResult:
         return max(walls) if walls else None
 
 
+def natural_key(path: Path) -> list:
+    """Sort run directories by their numbers' values: ``tokens-per-sample=32`` before ``tokens-per-sample=128``."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(path))]
+
+
 def find_runs(root: Path) -> List[RunResult]:
     out = []
-    for train_log in sorted(root.rglob("train.log")):
+    for train_log in sorted(root.rglob("train.log"), key=natural_key):
         run_dir = train_log.parent
         saved = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
         name = f"{saved['experiment']}/{saved['name']}" if saved else str(run_dir.relative_to(root))

@@ -469,6 +469,18 @@ def test_report_curves_are_the_cross_entropy_and_labels_name_what_differs():
     assert report.figure_labels(same) == ["x/lr=0.1", "y/lr=0.1"]
 
 
+def test_report_orders_runs_by_the_values_of_their_numbers(tmp_path):
+    names = ["tokens-per-sample=256,batch-size=4", "tokens-per-sample=32,batch-size=32", "tokens-per-sample=128,batch-size=8",
+             "decoder-layers=11", "decoder-layers=2"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.log").write_text(_train_line("00:00:01", 1, 1) + "\n")
+    assert [run.dir.name for run in report.find_runs(tmp_path)] == [
+        "decoder-layers=2", "decoder-layers=11",
+        "tokens-per-sample=32,batch-size=32", "tokens-per-sample=128,batch-size=8", "tokens-per-sample=256,batch-size=4",
+    ]  # fmt: skip
+
+
 # -- wall time of resumed runs in the report --------------------------------------------------------------------
 def _train_line(stamp: str, update: int, wall: int, train_wall: int = 10) -> str:
     stats = {"loss": "5.0", "num_updates": str(update), "train_wall": str(train_wall), "wall": str(wall)}
