@@ -11,6 +11,7 @@ the checkpoint's model config. The checkpoint is loaded with ``torch.load(weight
 
 import argparse
 import re
+import textwrap
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -57,9 +58,9 @@ def plot(layers: List[List[float]], max_span: int, out: Path, title: Optional[st
     ax.set_xlabel("layer")
     ax.set_ylabel("attention span (positions)")
     ax.set_yscale("log")
-    ax.set_ylim(1, max_span * 1.2)
+    ax.set_ylim(0.5, max_span * 1.2)  # from 0.5: a span under one position shows as a stub at 1
     ax.axhline(max_span, color="grey", linestyle="--", linewidth=0.8)
-    ax.set_title(title or f"learned span per head (max span {max_span})")
+    ax.set_title(textwrap.fill(title or f"learned span per head (max span {max_span})", 60), fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=150)
     plt.close(fig)
