@@ -117,14 +117,15 @@ STUDY_FILES = sorted([*experiments.EXPERIMENTS.glob("study_*.yaml"), experiments
 @pytest.mark.cli
 @pytest.mark.parametrize("path", STUDY_FILES, ids=lambda p: p.stem)
 def test_every_study_runs_through_the_launcher_and_the_report(path, data_bin, tmp_path):
-    """docs/studies/: each study file, one sweep setting per code path (points that differ only by their seed
-    or by numbers, e.g. a learning rate or a depth, take the same code path and run once; the launcher validates
-    every point against fairseq's parser and the model's checks before it starts any) for 2 updates on a tiny byte corpus
-    (validated and tested as one stream: its valid and test splits are too short for 64 streams or 256-token
-    segments), through the launcher (train, then eval-lm) and the report: one table row per run, its test
-    number the eval's, figures."""
+    """docs/studies/: each study file, every sweep point validated (fairseq's parser and the model's checks), and
+    one setting per code path (points that differ only by their seed or by numbers, e.g. a learning rate or a
+    depth, run once) for 2 updates on a tiny byte corpus (validated and tested as one stream: its valid and test
+    splits are too short for 64 streams or 256-token segments), through the launcher (train, then eval-lm) and
+    the report: one table row per run, its test number the eval's, figures."""
+    exp = experiments.load(path)
+    experiments.validate(exp, experiments.make_runs(exp, tmp_path / "every_point", sweep=True), require_data=False)
     settings = {}
-    for point in experiments.load(path).points(sweep=True):
+    for point in exp.points(sweep=True):
         kinds = (
             (k, "<number>" if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v))
             for k, v in point.items()
