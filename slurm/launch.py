@@ -14,13 +14,18 @@ then evaluated with ``fairseq-eval-lm`` on its best checkpoint.
 Before anything runs, every run's exact argument lists are parsed by fairseq's own parsers and the
 configs are built; an unknown preset or option, a bad combination or missing data stops the launch
 with one ``error:`` line. A run directory that exists is never overwritten: ``--resume`` continues
-unfinished runs (from ``checkpoint_last.pt``) and skips finished ones (``eval.json`` present).
+unfinished runs (from ``checkpoint_last.pt``) and skips finished ones (``eval.json`` present). With
+--cluster local, a launcher holds a lock on each run directory while it trains and evaluates that run
+(``<run>/.launch.lock``, flock): a second launcher of the same study skips the runs the first is running
+and takes the others, so two launchers never write one run's checkpoints.
 """
 
 import argparse
 import contextlib
+import fcntl
 import json
 import logging
+import os
 import re
 import shlex
 import subprocess
@@ -309,10 +314,36 @@ def progress_lines(run: Run, every_s: float = PROGRESS_EVERY_S):
         thread.join()
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold ``run_dir/.launch.lock`` (an exclusive flock, released when this process ends, however it ends)
+    while the block runs. Yields None when this process holds it, else the pid of the launcher that does."""
+    with open(run_dir / ".launch.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            yield lock.read().strip() or "unknown"
+            return
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield None
+
+
 def run_local(runs: List[Run], max_parallel: int) -> bool:
     from slurm.job import TrainAndEvaluate
 
     def one(run):
+        with run_lock(run.dir) as holder:
+            if holder is not None:
+                print(f"[{run.name}] skipped: another launcher (pid {holder}) is running it; "
+                      f"rerun with --resume once that one has stopped, if it did not finish", flush=True)  # fmt: skip
+                return True
+            return train_and_evaluate(run)
+
+    def train_and_evaluate(run):
         print(f"[{run.name}] started: {run.dir}", flush=True)
         try:
             with progress_lines(run):
