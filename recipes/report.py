@@ -1,8 +1,11 @@
 """Results of an experiment's runs: a markdown table and loss curves.
 
     python -m recipes.report runs/xl_memory_ptb_cpu [more run dirs ...] [--out DIR] [--title TEXT]
+        [--label RUN_DIR TEXT ...]
 
-(several directories: one table and one set of figures, e.g. a study next to the baseline runs of another)
+(several directories: one table and one set of figures, e.g. a study next to the baseline runs of another,
+in the order given; ``--label`` names a run in the figures, e.g. the other study's baseline run by the
+setting it stands for: ``--label runs/study_linear_vs_full_ptb_words/seed=1 "4 heads"``)
 
 Reads every run directory below the given one (``train.log`` in fairseq's JSON log format, ``run.json``,
 ``eval.json``; written by ``python -m slurm.launch``) and writes
@@ -33,6 +36,7 @@ class RunResult:
     swept: Dict[str, object] = field(default_factory=dict)
     dataset: str = "?"
     evaluation: Optional[dict] = None
+    given_label: Optional[str] = None  # --label: the figures' name for this run
 
     @property
     def metric(self) -> str:
@@ -108,7 +112,7 @@ def figure_labels(runs: List[RunResult]) -> List[str]:
         parts = [
             short[str(run.swept[k])] if k == "experiment" else f"{k}={run.swept[k]}" for k in keys if k in run.swept
         ]
-        labels.append(", ".join(parts) or run.label)
+        labels.append(getattr(run, "given_label", None) or ", ".join(parts) or run.label)
     return labels
 
 
@@ -176,6 +180,8 @@ def main(argv=None) -> int:
     parser.add_argument("runs_dir", nargs="+", help="directories of runs (searched recursively for train.log)")
     parser.add_argument("--out", help="where to write results.md and the PNGs (default: the first runs_dir)")
     parser.add_argument("--title", default="", help="figure title")
+    parser.add_argument("--label", nargs=2, action="append", default=[], metavar=("RUN_DIR", "TEXT"),
+                        help="name the run in RUN_DIR so in the figures (repeatable)")  # fmt: skip
     args = parser.parse_args(argv)
     roots = [Path(d) for d in args.runs_dir]
     runs = []
@@ -187,6 +193,11 @@ def main(argv=None) -> int:
     if len(roots) > 1:  # several experiments side by side: each run says which one it belongs to
         for run in runs:
             run.swept = {"experiment": run.log.name.split("/")[0], **run.swept}
+    by_dir = {run.dir.resolve(): run for run in runs}
+    for run_dir, text in args.label:
+        if Path(run_dir).resolve() not in by_dir:
+            sys.exit(f"error: --label {run_dir}: not one of the runs reported (a directory holding a train.log)")
+        by_dir[Path(run_dir).resolve()].given_label = text
     out = Path(args.out) if args.out else roots[0]
     out.mkdir(parents=True, exist_ok=True)
     text = table(runs)

@@ -345,6 +345,22 @@ def test_report_of_several_run_directories_is_one_table(local_sweep, tmp_path):
         report.main([str(runs_dir / "lr=0.003"), str(tmp_path / "empty")])
 
 
+def test_report_names_runs_as_labelled_in_the_order_given(local_sweep, tmp_path, monkeypatch):
+    """``--label RUN_DIR TEXT`` names a run in every figure (another study's baseline by the setting it stands
+    for); runs come in the order of the directories given; a label for a directory not reported is an error."""
+    _, runs_dir, _ = local_sweep
+    drawn = []
+    real = report.figure_labels
+    monkeypatch.setattr(report, "figure_labels", lambda runs: drawn.append(real(runs)) or drawn[-1])
+    argv = [str(runs_dir / "lr=0.001"), str(runs_dir / "lr=0.003"), "--out", str(tmp_path)]
+    assert report.main([*argv, "--label", str(runs_dir / "lr=0.003"), "the baseline"]) == 0
+    assert drawn and all(labels == ["lr=0.001", "the baseline"] for labels in drawn)  # curves (2 figures), bars
+    rows = (tmp_path / "results.md").read_text().splitlines()[2:]
+    assert "lr=0.001" in rows[0] and "lr=0.003" in rows[1]
+    with pytest.raises(SystemExit, match=r"^error: --label .*elsewhere: not one of the runs reported"):
+        report.main([*argv, "--label", str(tmp_path / "elsewhere"), "x"])
+
+
 def _train_until(command, log: Path, pattern: str, sig) -> int:
     """Run ``command``; when ``pattern`` appears in ``log``, send ``sig``; return the exit code."""
     with open(log, "a") as out:
