@@ -17,7 +17,9 @@ with one ``error:`` line. A run directory that exists is never overwritten: ``--
 unfinished runs (from ``checkpoint_last.pt``) and skips finished ones (``eval.json`` present). With
 --cluster local, a launcher holds a lock on each run directory while it trains and evaluates that run
 (``<run>/.launch.lock``, flock): a second launcher of the same study skips the runs the first is running
-and takes the others, so two launchers never write one run's checkpoints.
+and takes the others. (Training itself refuses a second process on one save directory, plugins/resume.py;
+without this lock the second launcher's attempt would fail there, be reported FAILED and append its
+error to the running run's train.log.)
 """
 
 import argparse
