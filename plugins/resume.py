@@ -39,7 +39,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -60,27 +60,43 @@ _HELD = {}  # absolute save dir -> file descriptor of its lock (held until the p
 
 
 # ---- one training per save directory -------------------------------------------------------------
-def lock_save_dir(save_dir: str) -> None:
-    """Hold an exclusive advisory lock on ``<save_dir>/.train.lock`` until this process ends, or stop with
-    one ``error:`` line naming the holder."""
-    key = os.path.realpath(save_dir)
-    if key in _HELD:
-        return
-    path = os.path.join(save_dir, LOCK_NAME)
+def try_lock(path: str) -> Tuple[Optional[int], str]:
+    """Take an exclusive advisory ``lockf`` lock on ``path`` (created if missing) without waiting. The kernel
+    drops it when the process ends, however it ends; it works across hosts on NFS with lockd. Returns
+    ``(fd, "")`` once taken (the file then names this process: pid, host, since when), or ``(None, holder)``
+    with the line of the process that holds it. Release with :func:`release_lock`. (Also the launcher's lock on
+    a run directory, ``slurm/launch.py``.)"""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
+        return None, holder
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (holder + "\n").encode(), 0)
+    return fd, ""
+
+
+def release_lock(fd: int) -> None:
+    os.ftruncate(fd, 0)  # a clean exit leaves the file empty (a killed holder's line stays: harmless)
+    os.close(fd)  # drops the lock
+
+
+def lock_save_dir(save_dir: str) -> None:
+    """Hold an exclusive advisory lock on ``<save_dir>/.train.lock`` until this process ends, or stop with
+    one ``error:`` line naming the holder."""
+    key = os.path.realpath(save_dir)
+    if key in _HELD:
+        return
+    fd, holder = try_lock(os.path.join(save_dir, LOCK_NAME))
+    if fd is None:
         raise UserError(
             f"--save-dir {save_dir} is in use by another training ({holder}): two trainings in one directory "
             "overwrite each other's checkpoints. Wait for it to end or stop it (the lock goes with the "
             "process), or give another --save-dir"
-        ) from None
-    holder = f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (holder + "\n").encode(), 0)
+        )
     _HELD[key] = fd
     atexit.register(_release, key)
 
@@ -88,8 +104,7 @@ def lock_save_dir(save_dir: str) -> None:
 def _release(key: str) -> None:
     fd = _HELD.pop(key, None)
     if fd is not None:
-        os.ftruncate(fd, 0)  # a clean exit leaves the file empty (a killed holder's line stays: harmless)
-        os.close(fd)  # drops the lock
+        release_lock(fd)
 
 
 # ---- a finished run stays finished ---------------------------------------------------------------

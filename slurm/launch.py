@@ -16,18 +16,16 @@ configs are built; an unknown preset or option, a bad combination or missing dat
 with one ``error:`` line. A run directory that exists is never overwritten: ``--resume`` continues
 unfinished runs (from ``checkpoint_last.pt``) and skips finished ones (``eval.json`` present). With
 --cluster local, a launcher holds a lock on each run directory while it trains and evaluates that run
-(``<run>/.launch.lock``, flock): a second launcher of the same study skips the runs the first is running
-and takes the others. (Training itself refuses a second process on one save directory, plugins/resume.py;
-without this lock the second launcher's attempt would fail there, be reported FAILED and append its
-error to the running run's train.log.)
+(``<run>/.launch.lock``, the same lock fairseq-train takes on its save directory, plugins/resume.py): a
+second launcher of the same study skips the runs the first is running and takes the others. (Training
+itself refuses a second process on one save directory; without this lock the second launcher's attempt
+would fail there, be reported FAILED and append its error to the running run's train.log.)
 """
 
 import argparse
 import contextlib
-import fcntl
 import json
 import logging
-import os
 import re
 import shlex
 import subprocess
@@ -318,20 +316,18 @@ def progress_lines(run: Run, every_s: float = PROGRESS_EVERY_S):
 
 @contextlib.contextmanager
 def run_lock(run_dir: Path):
-    """Hold ``run_dir/.launch.lock`` (an exclusive flock, released when this process ends, however it ends)
-    while the block runs. Yields None when this process holds it, else the pid of the launcher that does."""
-    with open(run_dir / ".launch.lock", "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            yield lock.read().strip() or "unknown"
-            return
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+    """Hold ``run_dir/.launch.lock`` while the block runs (the training's own lock primitive,
+    ``plugins.resume.try_lock``). Yields None when this process holds it, else the holder's line."""
+    from plugins.resume import release_lock, try_lock  # loaded already: validation parsed --user-dir plugins
+
+    fd, holder = try_lock(str(run_dir / ".launch.lock"))
+    if fd is None:
+        yield holder
+        return
+    try:
         yield None
+    finally:
+        release_lock(fd)
 
 
 def run_local(runs: List[Run], max_parallel: int) -> bool:
@@ -340,7 +336,7 @@ def run_local(runs: List[Run], max_parallel: int) -> bool:
     def one(run):
         with run_lock(run.dir) as holder:
             if holder is not None:
-                print(f"[{run.name}] skipped: another launcher (pid {holder}) is running it; "
+                print(f"[{run.name}] skipped: another launcher ({holder}) is running it; "
                       f"rerun with --resume once that one has stopped, if it did not finish", flush=True)  # fmt: skip
                 return True
             return train_and_evaluate(run)

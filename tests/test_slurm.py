@@ -282,18 +282,20 @@ def test_local_sweep_trains_and_evaluates_every_run(local_sweep):
 @pytest.mark.cli
 def test_a_second_launcher_skips_the_runs_another_one_is_running(data_bin, tmp_path):
     """Two launchers of one study (two terminals, or a queue started twice): the one that finds a run directory
-    locked by the other (flock on <run>/.launch.lock) leaves that run alone and trains the rest."""
+    locked by the other (<run>/.launch.lock, held here by another process through the same primitive) leaves that
+    run alone and trains the rest."""
     exp = write_experiment(tmp_path / "e.yaml", data_bin, train={**TINY["train"], "max-update": 4})
     runs_dir, busy = tmp_path / "runs", tmp_path / "runs" / "lr=0.003"
     busy.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); "
-                               "fcntl.flock(f, fcntl.LOCK_EX); f.write(f'{os.getpid()}\\n'); f.flush(); print('held', flush=True); "
-                               "time.sleep(600)", str(busy / ".launch.lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from plugins.resume import try_lock; "
+                               "fd, _ = try_lock(sys.argv[1]); print('held' if fd is not None else 'busy', flush=True); "
+                               "time.sleep(600)", str(busy / ".launch.lock")], stdout=subprocess.PIPE, text=True,
+                              cwd=ROOT, env=ENV)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "held"
         proc = launch_cli(exp, "--sweep", "--cluster", "local", "--resume", "--runs-dir", runs_dir)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert f"[lr=0.003] skipped: another launcher (pid {holder.pid}) is running it" in proc.stdout
+        assert f"[lr=0.003] skipped: another launcher (pid {holder.pid} on host " in proc.stdout
         assert not (busy / "train.log").exists() and not (busy / "checkpoints").exists()
         assert (runs_dir / "lr=0.001" / "eval.json").exists()
     finally:
